@@ -1,0 +1,388 @@
+"""enable() / disable(): wrap PEFT's state-dict functions at every binding site the registry names.
+
+The wrappers call PEFT's original function and add to (save) or take from (load) its input and result;
+no PEFT function body is copied. The registry entry for the installed release says where the functions
+are bound, what their signatures are, and which adapter-switching methods to hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from packaging.version import Version
+
+from . import _peft_view as pv
+from ._errors import PeftBuffersError, UnsupportedPeftVersion
+from ._registry import GET, REGISTRY, SET, AdapterHook, PatchEntry, entry_for, newest_entry
+from ._state import find_running_stats, find_trainable_parameters, plan_load, raise_for_mismatches
+
+__all__ = ["disable", "enable", "is_enabled", "patch_status"]
+
+_lock = threading.RLock()
+
+
+@dataclass
+class _Binding:
+    owner: Any  # module or class
+    attr: str
+    original: Any
+    replacement: Any
+
+
+@dataclass
+class _Patch:
+    entry: PatchEntry
+    peft_version: str
+    untested: bool
+    bindings: list[_Binding] = field(default_factory=list)
+
+
+_patch: Optional[_Patch] = None
+
+
+def is_enabled() -> bool:
+    """True while peft_buffers' patch is in place.
+
+    Example:
+        >>> import peft_buffers
+        >>> peft_buffers.disable(); peft_buffers.is_enabled()
+        False
+    """
+    return _patch is not None
+
+
+def installed_peft_version() -> Version:
+    from importlib.metadata import version
+
+    return Version(version("peft"))
+
+
+def _supported_range() -> str:
+    return ", ".join(f"{e.line}.x ({e.versions})" for e in REGISTRY)
+
+
+def select_entry(version: Version, allow_untested: bool = False) -> tuple[PatchEntry, bool]:
+    """The registry entry for ``version`` and whether that exact release is untested.
+
+    Raises :class:`UnsupportedPeftVersion` for a version outside every range, unless ``allow_untested``.
+
+    Example:
+        >>> select_entry(Version(REGISTRY[-1].tested))[1]
+        False
+    """
+    entry = entry_for(version)
+    if entry is None:
+        if not allow_untested:
+            raise UnsupportedPeftVersion(str(version), _supported_range())
+        entry = newest_entry()
+        warnings.warn(
+            f"peft {version} is outside every range peft_buffers was tested on; using the entry for "
+            f"{entry.line}.x (tested with {entry.tested}) because allow_untested=True.",
+            stacklevel=3,
+        )
+        return entry, True
+    if version > Version(entry.tested):
+        warnings.warn(
+            f"peft {version} is newer than {entry.tested}, the release of the {entry.line}.x line that "
+            f"peft_buffers was tested with; using that line's patch.",
+            stacklevel=3,
+        )
+        return entry, True
+    return entry, False
+
+
+# ------------------------------------------------------------------------------------------- wrappers
+
+
+def _param_names(fn: Callable) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
+def _check_signature(fn: Callable, expected: tuple[str, ...], what: str, untested: bool) -> None:
+    found = _param_names(fn)
+    if found[: len(expected)] == expected:
+        return
+    message = (
+        f"{what} has parameters {found}, but the registry entry expects {expected}: this PEFT release differs "
+        f"from the one the entry was written for."
+    )
+    if untested and found[:3] == expected[:3]:
+        warnings.warn(message + " Continuing because allow_untested=True.", stacklevel=4)
+        return
+    raise PeftBuffersError(message + " Add or fix the registry entry (peft_buffers/_registry.py).")
+
+
+def _peft_saved_keys_factory(original_get: Callable) -> Callable:
+    def peft_saved_keys(root, adapter_name: str) -> set:
+        """Keys PEFT itself saves for ``adapter_name`` (embedding layers included when present)."""
+        if adapter_name is None or adapter_name not in getattr(root, "peft_config", {}):
+            return set()
+        kwargs = {"adapter_name": adapter_name}
+        if "save_embedding_layers" in _param_names(original_get):
+            kwargs["save_embedding_layers"] = True
+        try:
+            return set(pv.quiet(original_get, root, **kwargs))
+        except Exception:  # noqa: BLE001 - a model PEFT cannot save now claims nothing
+            return set()
+
+    return peft_saved_keys
+
+
+def _make_get(original: Callable, peft_saved_keys: Callable) -> Callable:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def get_peft_model_state_dict(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if _patch is None:
+            return result
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        model = bound.arguments["model"]
+        if bound.arguments.get("unwrap_compiled"):
+            model = getattr(model, "_orig_mod", model)
+        extra = _extra_state_for_save(
+            model, bound.arguments["adapter_name"], bound.arguments.get("state_dict"), set(result)
+        )
+        result.update(extra)
+        return result
+
+    return get_peft_model_state_dict
+
+
+def _extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set) -> dict:
+    """The running statistics and direct parameters to add to ``adapter_name``'s saved state dict."""
+    store = pv.ensure_store(root, is_enabled)
+    view = store.view
+    stats = find_running_stats(view)
+    extra: dict[str, torch.Tensor] = {}
+    if adapter_name == store.live:
+        trainable = {k: p for k, p in find_trainable_parameters(view).items() if k not in peft_keys}
+        owned = {k: store.places[k] for k in store.owned_keys(adapter_name) if store.places[k].is_parameter}
+        for key, place in {**stats, **owned, **trainable}.items():
+            if state_dict is not None and key in state_dict:
+                extra[key] = state_dict[key]
+            else:
+                extra[key] = place.tensor.detach()
+        return extra
+    for key, place in stats.items():
+        extra[key] = store.value(adapter_name, key) if key in store.places else place.tensor.detach()
+    for key in store.owned_keys(adapter_name):
+        if store.places[key].is_parameter:
+            extra[key] = store.value(adapter_name, key)
+    return extra
+
+
+def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
+    signature = inspect.signature(original)
+    sd_param = _param_names(original)[1]
+
+    @functools.wraps(original)
+    def set_peft_model_state_dict(*args, **kwargs):
+        if _patch is None:
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        root = bound.arguments["model"]
+        adapter_name = bound.arguments["adapter_name"]
+        incoming = bound.arguments[sd_param]
+        claims: dict[str, set] = {}
+
+        def claimed_by_peft(key: str) -> bool:
+            if "keys" not in claims:
+                claims["keys"] = peft_saved_keys(root, adapter_name)
+            return key in claims["keys"]
+
+        plan = plan_load(
+            pv.model_view(root),
+            incoming,
+            claimed_by_peft=claimed_by_peft,
+            ignore_mismatched_sizes=bool(bound.arguments.get("ignore_mismatched_sizes", False)),
+        )
+        raise_for_mismatches(plan, adapter_name)  # before anything changes
+        for dropped in plan.dropped:
+            warnings.warn(f"ignore_mismatched_sizes=True: not loading extra state {dropped}", stacklevel=2)
+        if not plan.extra and not plan.dropped:
+            return original(*args, **kwargs)  # a stock PEFT file: exactly stock behaviour
+        bound.arguments[sd_param] = plan.passthrough
+        result = original(*bound.args, **bound.kwargs)
+        store = pv.ensure_store(root, is_enabled)
+        config = root.peft_config[adapter_name] if hasattr(root, "peft_config") else None
+        trainable = not getattr(config, "inference_mode", True)
+        store.set_values(adapter_name, plan.extra, trainable=trainable)
+        pv.sync(root, peft_saved_keys)
+        if hasattr(result, "missing_keys") and hasattr(result, "_replace"):
+            ours = set(plan.extra) | {m.key for m in plan.dropped}
+            result = result._replace(missing_keys=[k for k in result.missing_keys if k not in ours])
+        return result
+
+    return set_peft_model_state_dict
+
+
+def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
+    if hook.kind == "attach":
+
+        @functools.wraps(original)
+        def init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            if _patch is not None:
+                pv.ensure_store(self, is_enabled)
+
+        return init
+
+    if hook.kind == "sync":
+        signature = inspect.signature(original)
+        forgets = original.__name__ == "delete_adapter"
+
+        @functools.wraps(original)
+        def method(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if _patch is not None:
+                pv.sync(self, peft_saved_keys)
+                store = pv.attached_store(self)
+                if forgets and store is not None:
+                    name = signature.bind(self, *args, **kwargs).arguments.get("adapter_name")
+                    if isinstance(name, str) and name != store.live:
+                        store.forget(name)
+            return result
+
+        return method
+
+    if hook.kind == "disable":
+
+        @functools.wraps(original)
+        @contextlib.contextmanager
+        def disable_adapter(self, *args, **kwargs):
+            with original(self, *args, **kwargs) as value:
+                store = pv.attached_store(self) if _patch is not None else None
+                if store is None:
+                    yield value
+                    return
+                store.disabled_depth += 1
+                try:
+                    pv.sync(self, peft_saved_keys)
+                    yield value
+                finally:
+                    store.disabled_depth -= 1
+                    pv.sync(self, peft_saved_keys)
+
+        return disable_adapter
+
+    raise ValueError(f"unknown adapter hook kind {hook.kind!r}")
+
+
+def _resolve_target(target: str) -> tuple[Any, str]:
+    module_path, _, attr_path = target.partition(":")
+    owner: Any = importlib.import_module(module_path)
+    *parents, attr = attr_path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    return owner, attr
+
+
+# ----------------------------------------------------------------------------------------- enable/disable
+
+
+def enable(*, allow_untested: bool = False) -> PatchEntry:
+    """Patch PEFT so adapter files carry running statistics and trained direct parameters.
+
+    Idempotent and thread-safe. Returns the registry entry in use. Raises
+    :class:`~peft_buffers.UnsupportedPeftVersion` when the installed PEFT is outside every registry range,
+    unless ``allow_untested=True`` (then the newest entry is used, with a warning).
+
+    Example:
+        >>> import peft_buffers
+        >>> entry = peft_buffers.enable()
+        >>> peft_buffers.is_enabled()
+        True
+        >>> peft_buffers.disable()
+    """
+    global _patch
+    with _lock:
+        if _patch is not None:
+            return _patch.entry
+        version = installed_peft_version()
+        entry, untested = select_entry(version, allow_untested)
+        save_and_load = importlib.import_module("peft.utils.save_and_load")
+        original_get, original_set = getattr(save_and_load, GET), getattr(save_and_load, SET)
+        _check_signature(original_get, entry.get_signature, GET, untested)
+        _check_signature(original_set, entry.set_signature, SET, untested)
+        peft_saved_keys = _peft_saved_keys_factory(original_get)
+
+        planned: list[_Binding] = []
+        replacement = {GET: _make_get(original_get, peft_saved_keys), SET: _make_set(original_set, peft_saved_keys)}
+        for name, sites, original in ((GET, entry.get_sites, original_get), (SET, entry.set_sites, original_set)):
+            for site in sites:
+                module = importlib.import_module(site)
+                if getattr(module, name, None) is not original:
+                    raise PeftBuffersError(
+                        f"{site}.{name} is not PEFT's original function (found {getattr(module, name, None)!r}); "
+                        f"another library may have patched it. Disable that patch first, or fix the registry "
+                        f"entry for peft {entry.line}."
+                    )
+                planned.append(_Binding(module, name, original, replacement[name]))
+        for hook in entry.adapter_hooks:
+            owner, attr = _resolve_target(hook.target)
+            original = owner.__dict__.get(attr)
+            if original is None:
+                raise PeftBuffersError(f"{hook.target} is not defined on {owner!r}; fix the registry entry.")
+            planned.append(_Binding(owner, attr, original, _make_hook(hook, original, peft_saved_keys)))
+
+        for binding in planned:  # everything checked: now change things
+            setattr(binding.owner, binding.attr, binding.replacement)
+        _patch = _Patch(entry=entry, peft_version=str(version), untested=untested, bindings=planned)
+        return entry
+
+
+def disable() -> None:
+    """Undo :func:`enable`: put PEFT's exact original objects back at every binding site. Idempotent.
+
+    Models that already carry extra state keep the values that are live now.
+
+    Example:
+        >>> import peft_buffers
+        >>> _ = peft_buffers.enable(); peft_buffers.disable(); peft_buffers.is_enabled()
+        False
+    """
+    global _patch
+    with _lock:
+        if _patch is None:
+            return
+        for binding in reversed(_patch.bindings):
+            setattr(binding.owner, binding.attr, binding.original)
+        _patch = None
+
+
+def patch_status() -> dict:
+    """What is patched now: PEFT version, registry line, and every binding site with its state.
+
+    Example:
+        >>> patch_status()["enabled"] in (True, False)
+        True
+    """
+    with _lock:
+        if _patch is None:
+            return {"enabled": False, "sites": []}
+        sites = []
+        for b in _patch.bindings:
+            where = getattr(b.owner, "__name__", repr(b.owner))
+            if isinstance(b.owner, type):
+                where = f"{b.owner.__module__}.{b.owner.__qualname__}"
+            sites.append({"site": f"{where}.{b.attr}", "patched": getattr(b.owner, b.attr) is b.replacement})
+        return {
+            "enabled": True,
+            "peft": _patch.peft_version,
+            "line": _patch.entry.line,
+            "tested": _patch.entry.tested,
+            "untested": _patch.untested,
+            "sites": sites,
+        }
+

@@ -1,0 +1,174 @@
+"""How peft_buffers sees a PEFT model: where the base model is, what PEFT owns, which adapter computes.
+
+Only PEFT's stable structure is used here (``BaseTunerLayer``, ``ModulesToSaveWrapper``, ``base_layer``,
+``get_base_model``, ``active_adapter``), looked up by duck typing where releases differ, so this module
+needs no version switch. Everything version-specific is in ``_registry.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ._state import BASE, ExtraStateStore, ModelView, find_running_stats, find_trainable_parameters
+
+__all__ = ["active_adapter", "attached_store", "ensure_store", "model_view", "sync"]
+
+_STORE_ATTR = "_peft_buffers_store"
+
+
+def _peft_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(wrapper classes whose subtree PEFT saves itself, tuner-layer classes)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import other
+
+    wrappers = tuple(
+        cls
+        for cls in (getattr(other, name, None) for name in ("AuxiliaryTrainingWrapper", "ModulesToSaveWrapper"))
+        if isinstance(cls, type)
+    )
+    return wrappers, (BaseTunerLayer,)
+
+
+def _base_of(root: nn.Module) -> tuple[nn.Module, str]:
+    """The base model inside ``root`` and its state-dict prefix."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if callable(getattr(type(root), "get_base_model", None)):  # PeftModel, PeftMixedModel
+        base = root.get_base_model()
+    elif isinstance(root, BaseTuner):  # a tuner (LoraModel, ...) used directly
+        base = root.model
+    else:  # a transformers model with injected adapters, or a plain module
+        return root, ""
+    queue = [("", root)]
+    for _depth in range(3):
+        nxt = []
+        for prefix, module in queue:
+            for name, child in module._modules.items():
+                if child is base:
+                    return base, f"{prefix}{name}."
+                if child is not None:
+                    nxt.append((f"{prefix}{name}.", child))
+        queue = nxt
+    return root, ""
+
+
+def model_view(root: nn.Module) -> ModelView:
+    """The :class:`ModelView` of a PEFT model (``PeftModel``, a tuner, or a transformers model with adapters).
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> net = get_peft_model(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)),
+        ...                      LoraConfig(target_modules=["0"]))
+        >>> model_view(net).base_prefix
+        'base_model.model.'
+    """
+    wrappers, tuner_layers = _peft_classes()
+    base, prefix = _base_of(root)
+
+    def skip(module: nn.Module) -> bool:
+        return isinstance(module, wrappers)
+
+    def only_children(module: nn.Module) -> Optional[tuple]:
+        # A tuner layer holds the base layer under `base_layer` and adapter weights in other children
+        # (PEFT 0.6's LoRA layers *are* the base layer: their own parameters are base parameters).
+        return ("base_layer",) if isinstance(module, tuner_layers) else None
+
+    return ModelView(base=base, base_prefix=prefix, skip=skip, only_children=only_children)
+
+
+def active_adapter(root: nn.Module) -> Optional[str]:
+    """Name of the adapter that computes now (the first one when several are active), or None.
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> active_adapter(get_peft_model(nn.Sequential(nn.Linear(2, 2)), LoraConfig(target_modules=["0"])))
+        'default'
+    """
+    names = root.__dict__.get("active_adapter") if "active_adapter" in root.__dict__ else None
+    if names is None:
+        try:
+            names = root.active_adapter
+        except AttributeError:
+            names = None
+    if callable(names):  # transformers' PeftAdapterMixin: active_adapters() is a method
+        getter = getattr(root, "active_adapters", None)
+        try:
+            names = getter() if callable(getter) else None
+        except (ValueError, AttributeError):
+            names = None
+    if isinstance(names, (list, tuple)):
+        names = names[0] if names else None
+    return names if isinstance(names, str) else None
+
+
+def attached_store(root: nn.Module) -> Optional[ExtraStateStore]:
+    """The store attached to ``root``, if any (without forwarding through ``__getattr__``)."""
+    return root.__dict__.get(_STORE_ATTR)
+
+
+def _compiler_disable(fn: Callable) -> Callable:
+    compiler = getattr(torch, "compiler", None)
+    disable = getattr(compiler, "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+def ensure_store(root: nn.Module, is_enabled: Callable[[], bool]) -> ExtraStateStore:
+    """Attach a store to ``root`` (once) and return it.
+
+    The store starts with the active adapter live and the base model's values in place. A forward
+    pre-hook gives the running statistics to the live adapter, keeping a copy of the base values, the first
+    time the model runs in train mode: so ``disable_adapter()`` and adapters that carry no statistics of
+    their own still compute with the base model's values after training.
+    """
+    store = attached_store(root)
+    if store is not None:
+        return store
+    view = model_view(root)
+    store = ExtraStateStore(live=active_adapter(root))
+    store.view = view
+    store.disabled_depth = 0
+    store.stat_keys = frozenset(find_running_stats(view))
+    root.__dict__[_STORE_ATTR] = store
+
+    @_compiler_disable
+    def claim_running_stats_before_training(module: nn.Module, args: tuple) -> None:
+        if module.training and store.live is not BASE and not store.live_owns_stats() and is_enabled():
+            store.claim_live(find_running_stats(store.view))
+
+    store.hook_handle = view.base.register_forward_pre_hook(claim_running_stats_before_training)
+    return store
+
+
+def target_owner(root: nn.Module, store: ExtraStateStore) -> Optional[str]:
+    return BASE if store.disabled_depth else active_adapter(root)
+
+
+def sync(root: nn.Module, peft_saved_keys: Callable[[nn.Module, str], set]) -> None:
+    """Make the extra state of the adapter that should compute now live.
+
+    Before switching away from an adapter, its trained direct parameters become its own (so they are not
+    lost and do not leak into the next adapter).
+    """
+    store = attached_store(root)
+    if store is None:
+        return
+    target = target_owner(root, store)
+    if target == store.live:
+        return
+    if store.live is not BASE:
+        trainable = find_trainable_parameters(store.view)
+        if trainable:
+            own = peft_saved_keys(root, store.live)
+            store.claim_live({k: p for k, p in trainable.items() if k not in own}, trainable=True)
+    store.switch(target)
+
+
+def quiet(fn: Callable, *args, **kwargs):
+    """Call ``fn`` with warnings silenced (used for PEFT calls made only to learn which keys PEFT owns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
