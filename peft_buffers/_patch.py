@@ -20,7 +20,7 @@ import torch
 from packaging.version import Version
 
 from . import _peft_view as pv
-from ._errors import PeftBuffersError, UnsupportedPeftVersion
+from ._errors import IncompatibleExtraState, PeftBuffersError, UnsupportedPeftVersion
 from ._registry import GET, REGISTRY, SET, AdapterHook, PatchEntry, entry_for, newest_entry
 from ._state import find_running_stats, find_trainable_parameters, plan_load, raise_for_mismatches
 
@@ -275,6 +275,22 @@ def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable)
                     pv.sync(self, peft_saved_keys)
 
         return disable_adapter
+
+    if hook.kind == "load":
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def load_adapter(self, *args, **kwargs):
+            existing = set(getattr(self, "peft_config", {}))
+            try:
+                return original(self, *args, **kwargs)
+            except IncompatibleExtraState:
+                name = signature.bind(self, *args, **kwargs).arguments.get("adapter_name")
+                if name not in existing and name in getattr(self, "peft_config", {}):
+                    self.delete_adapter(name)  # PEFT injected it before loading: take it out again
+                raise
+
+        return load_adapter
 
     raise ValueError(f"unknown adapter hook kind {hook.kind!r}")
 

@@ -203,7 +203,7 @@ def _resolve(view: ModelView, key: str):
         while child is None:
             hop = next((s for s in _TRANSPARENT_SEGMENTS if s in module._modules), None)
             if hop is None:
-                return (_UNRESOLVED, ".".join(parts[:depth]))
+                return (_UNRESOLVED, ".".join(parts[:depth]), part)
             module = module._modules[hop]
             child = module._modules.get(part)
         module = child
@@ -264,11 +264,11 @@ def plan_load(
             continue
         if isinstance(target, tuple) and target[0] == _UNRESOLVED:
             if last in RUNNING_STAT_NAMES:
-                missing = view.base_prefix + target[1] if target[1] else "(base model root)"
+                parent = (view.base_prefix + target[1]).rstrip(".") or "the base model"
                 plan.mismatches.append(
                     ExtraStateMismatch(
                         key, "names no module of the base model", f"a module at {key.rsplit('.', 1)[0]}",
-                        f"no module below {missing}", _FIX_MISSING,
+                        f"no module {target[2]!r} in {parent}", _FIX_MISSING,
                     )
                 )
             else:

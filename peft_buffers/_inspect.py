@@ -1,0 +1,152 @@
+"""``python -m peft_buffers inspect DIR``: what an adapter file carries, with bytes.
+
+Works on the file alone (no model): running statistics are recognised by their names, adapter tensors by
+the tuner's key prefix from ``adapter_config.json``; the remaining base-model tensors are direct
+parameters (or base tensors PEFT saved itself, e.g. biases with ``bias="all"``: listed as adapter tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, TextIO
+
+from ._state import RUNNING_STAT_NAMES
+
+__all__ = ["AdapterFileSummary", "inspect_adapter", "main"]
+
+_TUNER_PREFIXES = ("lora_", "hada_", "lokr_", "ia3_", "oft_", "boft_", "vera_", "fourierft_", "ln_tuning_",
+                   "vblora_", "hra_", "bone_", "randlora_", "shira_", "c3a_", "road_", "miss_", "waveft_")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+@dataclass
+class AdapterFileSummary:
+    """The tensors of one adapter file, sorted into adapter tensors, running statistics, direct parameters."""
+
+    path: Path
+    file_bytes: int
+    adapter: list[TensorInfo] = field(default_factory=list)
+    running_stats: dict[str, list[TensorInfo]] = field(default_factory=dict)
+    direct: list[TensorInfo] = field(default_factory=list)
+
+    def render(self) -> str:
+        def total(infos):
+            return sum(i.nbytes for i in infos)
+
+        stats = [i for infos in self.running_stats.values() for i in infos]
+        lines = [
+            f"{self.path}: {self.file_bytes:,} bytes on disk",
+            f"  adapter tensors      {len(self.adapter):6d} tensors {total(self.adapter):14,d} bytes",
+            f"  running statistics   {len(stats):6d} tensors {total(stats):14,d} bytes "
+            f"in {len(self.running_stats)} modules",
+        ]
+        for module, infos in sorted(self.running_stats.items()):
+            present = {i.key.rsplit(".", 1)[1] for i in infos}
+            names = ", ".join(n for n in RUNNING_STAT_NAMES if n in present)
+            lines.append(f"    {module}  [{names}]  {total(infos):,} bytes")
+        lines.append(f"  direct parameters    {len(self.direct):6d} tensors {total(self.direct):14,d} bytes")
+        for info in self.direct:
+            lines.append(f"    {info.key}  {list(info.shape)} {info.dtype}  {info.nbytes:,} bytes")
+        return "\n".join(lines)
+
+
+def _read_tensor_infos(path: Path) -> list[TensorInfo]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        infos = []
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                tensor_slice = handle.get_slice(key)
+                shape = tuple(tensor_slice.get_shape())
+                dtype = tensor_slice.get_dtype()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                infos.append(TensorInfo(key, shape, dtype, count * _DTYPE_BYTES.get(dtype, 0)))
+        return infos
+    import torch
+
+    state = torch.load(str(path), map_location="meta", weights_only=True)
+    return [
+        TensorInfo(k, tuple(v.shape), str(v.dtype).replace("torch.", ""), v.numel() * v.element_size())
+        for k, v in state.items()
+    ]
+
+
+def _adapter_markers(config: dict) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    modules_to_save = tuple(config.get("modules_to_save") or ())
+    bias_saved = config.get("bias", "none") not in (None, "none")
+    return _TUNER_PREFIXES, modules_to_save, bias_saved
+
+
+def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
+    """Read an adapter directory (or file) and sort its tensors.
+
+    Raises ``OSError`` / ``ValueError`` when no adapter file is there or it cannot be read.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> d = tempfile.mkdtemp()
+        >>> save_file({"base_model.model.bn.running_mean": torch.zeros(4),
+        ...            "base_model.model.fc.lora_A.weight": torch.zeros(2, 4)}, d + "/adapter_model.safetensors")
+        >>> summary = inspect_adapter(d)
+        >>> list(summary.running_stats), [i.key for i in summary.adapter]
+        (['bn'], ['base_model.model.fc.lora_A.weight'])
+    """
+    path = Path(directory)
+    if path.is_dir():
+        candidates = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {path}")
+        config_path: Optional[Path] = path / "adapter_config.json"
+        path = found
+    else:
+        config_path = path.parent / "adapter_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    prefixes, modules_to_save, bias_saved = _adapter_markers(config)
+    summary = AdapterFileSummary(path=path, file_bytes=path.stat().st_size)
+    for info in _read_tensor_infos(path):
+        parts = info.key.split(".")
+        base_key = info.key.removeprefix("base_model.model.")
+        if parts[-1] in RUNNING_STAT_NAMES and not any(f".{m}." in f".{base_key}" for m in modules_to_save):
+            module = base_key.rsplit(".", 1)[0]
+            summary.running_stats.setdefault(module, []).append(info)
+        elif (
+            any(p.startswith(prefixes) for p in parts)
+            or any(f".{m}." in f".{base_key}" for m in modules_to_save)
+            or (bias_saved and parts[-1] == "bias")
+            or "prompt_encoder" in parts
+            or info.key.startswith("prompt_embeddings")
+        ):
+            summary.adapter.append(info)
+        else:
+            summary.direct.append(info)
+    return summary
+
+
+def main(argv: list[str], out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    """Print the summary of each adapter directory; exit status 1 if any cannot be read."""
+    out, err = out or sys.stdout, err or sys.stderr
+    status = 0
+    for directory in argv:
+        try:
+            print(inspect_adapter(directory).render(), file=out)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+            print(f"peft_buffers inspect: cannot read {directory}: {exc}", file=err)
+            status = 1
+    return status

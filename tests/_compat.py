@@ -1,0 +1,13 @@
+"""What the installed PEFT release supports, for skips that name their reason."""
+
+from importlib.metadata import version
+
+import pytest
+from packaging.version import Version
+
+PEFT_VERSION = Version(version("peft"))
+
+requires_low_cpu_mem_usage = pytest.mark.skipif(
+    PEFT_VERSION < Version("0.13.0"),
+    reason=f"low_cpu_mem_usage loading was added in PEFT 0.13 (installed: {PEFT_VERSION})",
+)

@@ -1,0 +1,47 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run the slow matrices")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slower matrices, run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow matrix: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture
+def enabled():
+    """peft_buffers enabled for the test, disabled afterwards whatever happens."""
+    import peft_buffers
+
+    peft_buffers.enable()
+    try:
+        yield peft_buffers
+    finally:
+        peft_buffers.disable()
+
+
+@pytest.fixture
+def stock():
+    """Stock PEFT: peft_buffers disabled for the test."""
+    import peft_buffers
+
+    peft_buffers.disable()
+    yield
+    peft_buffers.disable()
