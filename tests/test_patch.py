@@ -98,8 +98,10 @@ def test_patch_status_lists_every_site_as_patched():
     assert _patch.patch_status() == {"enabled": False, "sites": []}
     peft_buffers.enable()
     status = _patch.patch_status()
-    expected = len(ENTRY.get_sites) + len(ENTRY.set_sites) + len(ENTRY.adapter_hooks)
-    assert len(status["sites"]) == expected
+    names = {site["site"] for site in status["sites"]}
+    assert {f"{site}.{GET}" for site in ENTRY.get_sites} <= names
+    assert {f"{site}.{SET}" for site in ENTRY.set_sites} <= names
+    assert {hook.target.replace(":", ".") for hook in ENTRY.adapter_hooks} <= names
     assert all(site["patched"] for site in status["sites"])
 
 

@@ -197,6 +197,15 @@ def test_values_come_from_the_state_dict_argument(enabled):
     assert not torch.equal(saved[key], model.base_model.model.bn1d.running_mean)
 
 
+def test_unwrap_compiled_saves_the_same_keys(enabled):
+    spec = ZOO["mixed_norms"]
+    model = trained_model(spec)
+    plain = save_and_load.get_peft_model_state_dict(model)
+    compiled = save_and_load.get_peft_model_state_dict(torch.compile(model), unwrap_compiled=True)
+    assert compiled.keys() == plain.keys()
+    assert "base_model.model.bn1d.running_mean" in compiled
+
+
 def test_modules_to_save_norm_is_left_to_peft(tmp_path):
     # PEFT's documented workaround for #1732 saves the whole norm layer itself; we add only the others.
     spec = ZOO["mixed_norms"]
@@ -374,8 +383,10 @@ def test_module_without_statistics_is_reported(enabled, tmp_path):
     trained_model(spec).save_pretrained(tmp_path)
     base = spec.make()
     base.bn1d = torch.nn.BatchNorm1d(16, track_running_stats=False)
+    before = [(t, t.detach().clone()) for t in [*base.parameters(), *base.buffers()]]
     with pytest.raises(IncompatibleExtraState) as info:
         PeftModel.from_pretrained(base, tmp_path)
+    assert all(torch.equal(tensor, value) for tensor, value in before)
     assert {m.key for m in info.value.mismatches} == {f"{BN}.{n}" for n in ("running_mean", "running_var",
                                                                           "num_batches_tracked")}
     assert "track_running_stats=True" in str(info.value)

@@ -85,11 +85,7 @@ def test_view_skips_owned_subtrees_and_descends_only_into_allowed_children():
             self.adapter = nn.BatchNorm1d(2)
 
     net = nn.Sequential(Owned(nn.BatchNorm1d(2)), Tuner())
-    view = ModelView(
-        base=net,
-        skip=lambda m: isinstance(m, Owned),
-        only_children=lambda m: ("base_layer",) if isinstance(m, Tuner) else None,
-    )
+    view = ModelView(base=net, owned_types=(Owned,), partial_types=(Tuner,))
     assert {k.rsplit(".", 1)[0] for k in find_running_stats(view)} == {"1.base_layer"}
 
 
