@@ -7,6 +7,7 @@ needs no version switch. Everything version-specific is in ``_registry.py``.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Callable, Optional
 
@@ -68,16 +69,9 @@ def model_view(root: nn.Module) -> ModelView:
     """
     wrappers, tuner_layers = _peft_classes()
     base, prefix = _base_of(root)
-
-    def skip(module: nn.Module) -> bool:
-        return isinstance(module, wrappers)
-
-    def only_children(module: nn.Module) -> Optional[tuple]:
-        # A tuner layer holds the base layer under `base_layer` and adapter weights in other children
-        # (PEFT 0.6's LoRA layers *are* the base layer: their own parameters are base parameters).
-        return ("base_layer",) if isinstance(module, tuner_layers) else None
-
-    return ModelView(base=base, base_prefix=prefix, skip=skip, only_children=only_children)
+    # A tuner layer holds the base layer under `base_layer` and adapter weights in other children
+    # (PEFT 0.6's LoRA layers *are* the base layer: their own parameters are base parameters).
+    return ModelView(base=base, base_prefix=prefix, owned_types=wrappers, partial_types=tuner_layers)
 
 
 def active_adapter(root: nn.Module) -> Optional[str]:
@@ -94,7 +88,8 @@ def active_adapter(root: nn.Module) -> Optional[str]:
             names = root.active_adapter
         except AttributeError:
             names = None
-    if callable(names):  # transformers' PeftAdapterMixin: active_adapters() is a method
+    # transformers' PeftAdapterMixin: active_adapters() is a method (5.x has no active_adapter at all)
+    if names is None or callable(names):
         getter = getattr(root, "active_adapters", None)
         try:
             names = getter() if callable(getter) else None
@@ -116,31 +111,55 @@ def _compiler_disable(fn: Callable) -> Callable:
     return disable(fn) if disable is not None else fn
 
 
+@_compiler_disable  # runs eagerly under torch.compile: it changes Python state, once
+def _claim_running_stats(store: ExtraStateStore) -> None:
+    store.claim_live(find_running_stats(store.view))
+
+
+class ClaimStatsBeforeTraining:
+    """Forward pre-hook: the first train-mode forward of an adapter that does not own the running statistics
+    yet gives them to it, keeping a copy of the values it computed with (the base model's).
+
+    A class, not a closure, so ``copy.deepcopy(model)`` gives the copy a hook bound to the copy's store, and
+    whole-model pickling works.
+    """
+
+    def __init__(self, store: ExtraStateStore, is_enabled: Callable[[], bool]):
+        self.store = store
+        self.is_enabled = is_enabled
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        store = self.store
+        if module.training and store.live is not BASE and not store.live_owns_stats() and self.is_enabled():
+            _claim_running_stats(store)
+
+
+_attach_lock = threading.Lock()
+
+
 def ensure_store(root: nn.Module, is_enabled: Callable[[], bool]) -> ExtraStateStore:
-    """Attach a store to ``root`` (once) and return it.
+    """Attach a store to ``root`` (once, thread-safe) and return it.
 
     The store starts with the active adapter live and the base model's values in place. A forward
-    pre-hook gives the running statistics to the live adapter, keeping a copy of the base values, the first
-    time the model runs in train mode: so ``disable_adapter()`` and adapters that carry no statistics of
-    their own still compute with the base model's values after training.
+    pre-hook (:class:`ClaimStatsBeforeTraining`) keeps a copy of the base model's running statistics the
+    first time the model runs in train mode: so ``disable_adapter()`` and adapters that carry no statistics
+    of their own still compute with the base model's values after training.
     """
     store = attached_store(root)
     if store is not None:
         return store
-    view = model_view(root)
-    store = ExtraStateStore(live=active_adapter(root))
-    store.view = view
-    store.disabled_depth = 0
-    store.stat_keys = frozenset(find_running_stats(view))
-    root.__dict__[_STORE_ATTR] = store
-
-    @_compiler_disable
-    def claim_running_stats_before_training(module: nn.Module, args: tuple) -> None:
-        if module.training and store.live is not BASE and not store.live_owns_stats() and is_enabled():
-            store.claim_live(find_running_stats(store.view))
-
-    store.hook_handle = view.base.register_forward_pre_hook(claim_running_stats_before_training)
-    return store
+    with _attach_lock:
+        store = attached_store(root)
+        if store is not None:
+            return store
+        view = model_view(root)
+        store = ExtraStateStore(live=active_adapter(root))
+        store.view = view
+        store.disabled_depth = 0
+        store.stat_keys = frozenset(find_running_stats(view))
+        store.hook_handle = view.base.register_forward_pre_hook(ClaimStatsBeforeTraining(store, is_enabled))
+        root.__dict__[_STORE_ATTR] = store
+        return store
 
 
 def target_owner(root: nn.Module, store: ExtraStateStore) -> Optional[str]:

@@ -434,3 +434,38 @@ def test_set_peft_model_state_dict_result_hides_our_keys(enabled, tmp_path):
 
 def test_peft_version_is_the_one_under_test():
     assert PEFT_VERSION.release >= (0, 6)
+
+
+def test_deepcopy_gives_an_independent_model(two_adapters):
+    # DPO-style reference models are deep copies; the copy must switch its own tensors, not the original's.
+    import copy
+
+    spec, x, out, path = two_adapters
+    model = PeftModel.from_pretrained(spec.make(), path / "A", adapter_name="A").eval()
+    model.load_adapter(path / "B", adapter_name="B")
+    clone = copy.deepcopy(model)
+    clone.set_adapter("B")
+    assert torch.equal(logits(clone, x), out["B"])
+    assert torch.equal(logits(model, x), out["A"])
+
+
+def test_deepcopy_before_training_keeps_the_copys_base_statistics(enabled):
+    import copy
+
+    spec = ZOO["mixed_norms"]
+    model = get_peft_model(spec.make(), tuner_config("lora", spec))
+    clone = copy.deepcopy(model)
+    train(clone, spec)
+    x = spec.inputs(seed=99)
+    with clone.disable_adapter():
+        assert torch.equal(logits(clone, x), logits(spec.make().eval(), x))
+
+
+def test_whole_model_pickling_round_trips(two_adapters, tmp_path):
+    spec, x, out, path = two_adapters
+    model = PeftModel.from_pretrained(spec.make(), path / "A", adapter_name="A").eval()
+    model.load_adapter(path / "B", adapter_name="B")
+    torch.save(model, tmp_path / "model.pt")
+    restored = torch.load(tmp_path / "model.pt", weights_only=False)
+    restored.set_adapter("B")
+    assert torch.equal(logits(restored, x), out["B"])
