@@ -11,17 +11,23 @@ Example:
 from ._errors import ExtraStateMismatch, IncompatibleExtraState, PeftBuffersError, UnsupportedPeftVersion
 from ._patch import disable, enable, is_enabled
 from ._public import extra_state_dict
+from ._repro import AuditReport, ReloadReport, audit, check_reload, explain
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditReport",
     "ExtraStateMismatch",
     "IncompatibleExtraState",
     "PeftBuffersError",
+    "ReloadReport",
     "UnsupportedPeftVersion",
     "__version__",
+    "audit",
+    "check_reload",
     "disable",
     "enable",
+    "explain",
     "extra_state_dict",
     "is_enabled",
 ]
