@@ -153,10 +153,8 @@ def ensure_store(root: nn.Module, is_enabled: Callable[[], bool]) -> ExtraStateS
         if store is not None:
             return store
         view = model_view(root)
-        store = ExtraStateStore(live=active_adapter(root))
-        store.view = view
+        store = ExtraStateStore(live=active_adapter(root), view=view)
         store.disabled_depth = 0
-        store.stat_keys = frozenset(find_running_stats(view))
         store.hook_handle = view.base.register_forward_pre_hook(ClaimStatsBeforeTraining(store, is_enabled))
         root.__dict__[_STORE_ATTR] = store
         return store
@@ -181,7 +179,7 @@ def sync(root: nn.Module, peft_saved_keys: Callable[[nn.Module, str], set]) -> N
     if store.live is not BASE:
         trainable = find_trainable_parameters(store.view)
         if trainable:
-            own = peft_saved_keys(root, store.live)
+            own = peft_saved_keys(root, store.live, {k: p.tensor for k, p in trainable.items()})
             store.claim_live({k: p for k, p in trainable.items() if k not in own}, trainable=True)
     store.switch(target)
 

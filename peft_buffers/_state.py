@@ -265,7 +265,7 @@ def _dtype_kind(dtype: torch.dtype) -> str:
     return "float" if dtype.is_floating_point else "integer"
 
 
-def _classify(view: ModelView, key: str, value, last: str, claimed_by_peft, plan: LoadPlan):
+def _classify(view: ModelView, key: str, value, last: str, plan: LoadPlan):
     """Place of a key that is no known running statistic, or None (passed to PEFT or recorded as mismatch)."""
     target = _resolve(view, key)
     if target == _PEFT_OWNED:
@@ -293,7 +293,7 @@ def _classify(view: ModelView, key: str, value, last: str, claimed_by_peft, plan
             )
         )
         return None
-    if module._parameters.get(name) is not None and not claimed_by_peft(key):
+    if module._parameters.get(name) is not None:
         return TensorPlace(key, module, name, True)
     plan.passthrough[key] = value
     return None
@@ -303,13 +303,14 @@ def plan_load(
     view: ModelView,
     state_dict: Mapping[str, torch.Tensor],
     *,
-    claimed_by_peft: Callable[[str], bool] = lambda key: False,
+    claimed_by_peft: Callable[[Mapping[str, torch.Tensor]], set] = lambda candidates: set(),
     ignore_mismatched_sizes: bool = False,
 ) -> LoadPlan:
     """Sort an incoming adapter state dict into extra state and PEFT's own keys, and validate the extra state.
 
     A key is extra state when it names a running statistic of the base model, or a base-model parameter
-    that PEFT does not claim (``claimed_by_peft``). A key that ends in a running-statistic name but names
+    that PEFT does not claim: ``claimed_by_peft`` gets the live parameters named by the file (key ->
+    tensor) in one call and returns the keys PEFT saves itself. A key that ends in a running-statistic name but names
     no module, or a module without statistics, is a mismatch; so is any shape that differs, or a dtype of
     another kind (float vs integer). Converted values take the device and dtype of the model's tensors.
     With ``ignore_mismatched_sizes``, shape mismatches are dropped (reported in ``plan.dropped``) instead.
@@ -322,13 +323,20 @@ def plan_load(
     """
     plan = LoadPlan()
     stats_index = find_running_stats(view)  # one walk; most extra-state keys are found here in O(1)
+    candidates: list[tuple[str, TensorPlace, torch.Tensor]] = []
     for key, value in state_dict.items():
-        last = key[key.rfind(".") + 1 :]
         place = stats_index.get(key)
         if place is None:
-            place = _classify(view, key, value, last, claimed_by_peft, plan)
+            place = _classify(view, key, value, key[key.rfind(".") + 1 :], plan)
             if place is None:
                 continue
+        candidates.append((key, place, value))
+    params = {key: place.tensor for key, place, _ in candidates if place.is_parameter}
+    claimed = claimed_by_peft(params) if params else set()
+    for key, place, value in candidates:
+        if key in claimed:
+            plan.passthrough[key] = value
+            continue
         live = place.tensor
         if value.shape != live.shape:
             mismatch = ExtraStateMismatch(
@@ -378,13 +386,22 @@ class ExtraStateStore:
         [0.0, 0.0]
     """
 
-    def __init__(self, live: Optional[str] = BASE):
+    def __init__(self, live: Optional[str] = BASE, view: Optional[ModelView] = None):
         self.live: Optional[str] = live
+        self.view = view
         self.places: Dict[str, TensorPlace] = {}
         self.owned: Dict[Optional[str], set[str]] = {}
         self.stored: Dict[Optional[str], Dict[str, torch.Tensor]] = {BASE: {}}
         self.trainable: Dict[Optional[str], Dict[str, bool]] = {}
-        self.stat_keys: frozenset[str] = frozenset()
+        self._stat_keys: Optional[frozenset[str]] = None
+        self._owns_all_stats: set[Optional[str]] = set()  # owners known to own every running statistic
+
+    @property
+    def stat_keys(self) -> frozenset[str]:
+        """Keys of the view's running statistics, found once, when first needed (not at attach time)."""
+        if self._stat_keys is None:
+            self._stat_keys = frozenset(find_running_stats(self.view)) if self.view is not None else frozenset()
+        return self._stat_keys
 
     # -- queries
     def source(self, owner: Optional[str], key: str) -> Optional[str]:
@@ -403,7 +420,14 @@ class ExtraStateStore:
         return set(self.owned.get(owner, ()))
 
     def live_owns_stats(self) -> bool:
-        return self.live is BASE or self.stat_keys <= self.owned.get(self.live, set())
+        """True when the live owner has its own value for every running statistic (checked per forward)."""
+        live = self.live
+        if live is BASE or live in self._owns_all_stats:
+            return True
+        if self.stat_keys <= self.owned.get(live, set()):
+            self._owns_all_stats.add(live)
+            return True
+        return False
 
     # -- changes
     def _manage(self, place: TensorPlace) -> None:
@@ -470,3 +494,4 @@ class ExtraStateStore:
         self.owned.pop(owner, None)
         self.stored.pop(owner, None)
         self.trainable.pop(owner, None)
+        self._owns_all_stats.discard(owner)

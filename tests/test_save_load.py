@@ -469,3 +469,18 @@ def test_whole_model_pickling_round_trips(two_adapters, tmp_path):
     restored = torch.load(tmp_path / "model.pt", weights_only=False)
     restored.set_adapter("B")
     assert torch.equal(logits(restored, x), out["B"])
+
+
+def test_base_parameters_peft_saves_itself_stay_peft_s(enabled, tmp_path):
+    # bias="all": PEFT saves the (trainable) biases itself; they must not be duplicated or managed per adapter.
+    spec = ZOO["mixed_norms"]
+    model = trained_model(spec, bias="all")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(spec.make(), tmp_path).eval()
+    x = spec.inputs(seed=99)
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    store = loaded.__dict__["_peft_buffers_store"]
+    assert store.owned_keys("default") == {
+        f"base_model.model.{m}.{b}" for m in ("bn2d", "inorm", "bn1d")
+        for b in ("running_mean", "running_var", "num_batches_tracked")
+    }

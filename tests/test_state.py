@@ -115,7 +115,7 @@ def test_plan_sorts_extra_state_from_peft_keys():
             "m.0.lora_A.weight": torch.ones(1),
             "prompt_encoder.embedding.weight": torch.ones(1),
         },
-        claimed_by_peft=lambda key: False,
+        claimed_by_peft=lambda candidates: set(),
     )
     assert sorted(plan.extra) == ["m.0.bias", "m.1.running_mean"]
     assert sorted(plan.passthrough) == ["m.0.lora_A.weight", "prompt_encoder.embedding.weight"]
@@ -124,8 +124,15 @@ def test_plan_sorts_extra_state_from_peft_keys():
 
 def test_plan_leaves_parameters_peft_claims_to_peft():
     net, view = _net()
-    plan = plan_load(view, {"m.0.bias": torch.ones(3)}, claimed_by_peft=lambda key: key == "m.0.bias")
-    assert plan.extra == {} and list(plan.passthrough) == ["m.0.bias"]
+    asked = []
+
+    def claimed_by_peft(candidates):
+        asked.append(sorted(candidates))
+        return {"m.0.bias"}
+
+    plan = plan_load(view, {"m.0.bias": torch.ones(3), "m.0.weight": torch.ones(3, 2)}, claimed_by_peft=claimed_by_peft)
+    assert asked == [["m.0.bias", "m.0.weight"]]  # asked once, with the live parameters
+    assert list(plan.extra) == ["m.0.weight"] and list(plan.passthrough) == ["m.0.bias"]
 
 
 def test_plan_converts_to_the_models_dtype_without_touching_the_model():
