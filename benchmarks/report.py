@@ -1,0 +1,381 @@
+"""Turn the results record into the markdown report, the target check and the PNG plots."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+__all__ = ["check_targets", "render_markdown", "render_plots"]
+
+STRATEGY_LABELS = {
+    "stock": "stock PEFT",
+    "workaround": "PEFT + modules_to_save",
+    "peft_buffers": "peft_buffers",
+    "full": "full checkpoint",
+}
+HEADER_SLACK = 4096  # target: file bytes <= stock + extra-tensor bytes + 4 KiB
+LOAD_TOLERANCE, SAVE_TOLERANCE = 0.03, 0.05
+SCALING_LIMIT_MS, SCALING_AT = 20.0, 10_000
+ZERO_EXTRA_MODELS = ("convnext_tiny", "llama_1b")
+
+
+def _bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "–"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{sign}{n / size:.2f} {unit}"
+    return f"{sign}{n} B"
+
+
+def _ms(stats: dict) -> str:
+    return f"{stats['median']:.1f} ({stats['min']:.1f}–{stats['max']:.1f})"
+
+
+def _pct(value: float, reference: float) -> str:
+    return f"{(value / reference - 1) * 100:+.1f}%"
+
+
+def _dlogits(x: Optional[float]) -> str:
+    if x is None:
+        return "–"
+    return "0" if x == 0 else f"{x:.3g}"
+
+
+def ratio_ci(runs: list, reference_runs: list, draws: int = 2000, seed: int = 0) -> tuple:
+    """95% bootstrap interval of median(runs) / median(reference_runs) - 1 (runs resampled independently)."""
+    import random
+    import statistics
+
+    rng = random.Random(seed)
+    ratios = sorted(
+        statistics.median(rng.choices(runs, k=len(runs))) / statistics.median(rng.choices(reference_runs,
+                                                                                      k=len(reference_runs))) - 1
+        for _ in range(draws)
+    )
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+
+
+def paired_change(runs: list, reference_runs: list) -> float:
+    """Median over repetitions of run / reference run - 1: both ran in the same repetition, so slow phases of
+    the machine (which hit every strategy of a repetition alike) cancel out."""
+    import statistics
+
+    return statistics.median(a / b - 1 for a, b in zip(runs, reference_runs))
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+
+def check_targets(results: dict) -> list:
+    """One row per target and model: what was measured, the bar, and whether it was met."""
+    rows = []
+
+    def add(target: str, model: str, measured: str, bar: str, met: bool) -> None:
+        rows.append({"target": target, "model": model, "measured": measured, "bar": bar, "met": bool(met)})
+
+    for m in results["models"]:
+        strategies = m["strategies"]
+        if "peft_buffers" not in strategies or "stock" not in strategies:
+            continue
+        ours, stock, extra = strategies["peft_buffers"], strategies["stock"], m["extra_state"]
+        over = ours["file_bytes"] - extra["floor_bytes"]
+        add("file bytes ≤ stock + extra tensors + 4 KiB", m["label"], f"{over:+d} B over the floor",
+            f"≤ {HEADER_SLACK} B", over <= HEADER_SLACK)
+        for what, tolerance in (("load", LOAD_TOLERANCE), ("save", SAVE_TOLERANCE)):
+            mine, theirs = ours[f"{what}_ms"], stock[f"{what}_ms"]
+            change = mine["median"] / theirs["median"] - 1
+            low, high = ratio_ci(mine["runs"], theirs["runs"])
+            paired = paired_change(mine["runs"], theirs["runs"])
+            add(f"{what} median within {tolerance:.0%} of stock", m["label"],
+                f"{change * 100:+.1f}% (95% CI {low * 100:+.1f} … {high * 100:+.1f}%; paired {paired * 100:+.1f}%)",
+                f"≤ +{tolerance:.0%}", change <= tolerance)
+        added = ours["added_trainable_params"]
+        add("no added trainable parameters", m["label"], f"{added:+d}", "0", added == 0)
+        if m["name"] in ZERO_EXTRA_MODELS:
+            same = extra["identical_to_stock_save"]
+            add("zero extra bytes (byte-identical file)", m["label"],
+                f"{ours['extra_bytes_over_stock']:+d} B, identical: {same}", "0 B, identical", same)
+        add("reloaded logits equal the trained model's", m["label"], _dlogits(ours.get("max_abs_dlogits")),
+            "0", ours.get("max_abs_dlogits") == 0)
+    for entry in results.get("scaling", []):
+        if entry["norm_layers"] != SCALING_AT:
+            continue
+        for what in ("save", "load"):
+            overhead = entry[f"{what}_overhead_ms"]["median_difference"]
+            add(f"{what} overhead at {SCALING_AT:,} norm layers ≤ 20 ms", "synthetic", f"{overhead:.1f} ms",
+                "≤ 20 ms", overhead <= SCALING_LIMIT_MS)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _stamp_lines(meta: dict) -> list:
+    if meta.get("gpu"):
+        machine = (
+            f"{meta['gpu']} ({meta.get('gpu_memory_gib')} GiB), driver {meta.get('driver')}, CUDA {meta.get('cuda')}, "
+            f"cuDNN {meta.get('cudnn')}; CPU {meta['cpu']} ×{meta['cpu_count']}"
+        )
+    else:
+        machine = f"CPU only: {meta['cpu']} ×{meta['cpu_count']} ({meta['torch_threads']} torch threads)"
+    commit = meta.get("git_commit") or "unknown"
+    return [
+        f"- **Machine:** {machine}",
+        f"- **Software:** torch {meta['torch']}, peft {meta['peft']}, transformers {meta['transformers']}, "
+        f"safetensors {meta['safetensors']}, peft_buffers {meta['peft_buffers']} (commit {commit}"
+        f"{', dirty' if meta.get('git_dirty') else ''}), Python {meta['python']}",
+        f"- **Date:** {meta['date_utc']}",
+        f"- **Command:** `{meta['command']}`",
+    ]
+
+
+def _merged_lines(results: dict) -> list:
+    lines = []
+    for meta in results.get("merged_from", []):
+        lines.append(
+            f"- **Merged in:** `{meta['command']}` ({meta['date_utc']}, {meta.get('gpu') or meta['cpu']}, "
+            f"peft_buffers sources {meta.get('peft_buffers_source_sha256')})"
+        )
+    if lines:
+        lines.append(
+            f"- peft_buffers sources of the first run: {results['meta'].get('peft_buffers_source_sha256')} "
+            "(digest of peft_buffers/*.py)"
+        )
+    return lines
+
+
+def headline_table(results: dict) -> list:
+    """The README table: one row per model and strategy."""
+    lines = [
+        "| model | strategy | adapter file | over stock | over floor | trainable params (added) | peak train mem "
+        "| save ms, median (min–max) | load ms, median (min–max) | load vs stock | max \\|Δ logits\\| |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in results["models"]:
+        strategies = m["strategies"]
+        stock = strategies.get("stock")
+        for name, s in strategies.items():
+            peak = _bytes(s["peak_train_bytes"]) if s.get("peak_train_bytes") is not None else "–"
+            added = s.get("added_trainable_params")
+            trainable = f"{s['trainable_params']:,}" + (f" ({added:+,})" if added else "")
+            vs_stock = _pct(s["load_ms"]["median"], stock["load_ms"]["median"]) if stock and name != "stock" else ""
+            lines.append(
+                f"| {m['label']} | {STRATEGY_LABELS[name]} | {_bytes(s['file_bytes'])} "
+                f"| {_bytes(s.get('extra_bytes_over_stock'))} | {_bytes(s.get('bytes_over_floor'))} | {trainable} "
+                f"| {peak} | {_ms(s['save_ms'])} | {_ms(s['load_ms'])} | {vs_stock} "
+                f"| {_dlogits(s.get('max_abs_dlogits'))} |"
+            )
+    return lines
+
+
+def _header_alone(extra: dict) -> Optional[int]:
+    """Bytes a safetensors file holding only the extra tensors spends on its header (0 when there are none)."""
+    if not extra.get("tensors"):
+        return 0 if extra else None
+    return extra["standalone_safetensors_bytes"] - extra["tensor_bytes"]
+
+
+def readme_table(results: dict) -> list:
+    """The condensed table the project README quotes."""
+    lines = [
+        "| model | strategy | file | over stock | added trainable | save ms | load ms | max \\|Δ logits\\| |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in results["models"]:
+        for name, s in m["strategies"].items():
+            added = s.get("added_trainable_params")
+            lines.append(
+                f"| {m['label']} | {STRATEGY_LABELS[name]} | {_bytes(s['file_bytes'])} "
+                f"| {'–' if name == 'stock' else _bytes(s.get('extra_bytes_over_stock'))} "
+                f"| {'–' if name == 'stock' else f'{added:+,}' if added else '0'} "
+                f"| {s['save_ms']['median']:.1f} | {s['load_ms']['median']:.1f} "
+                f"| {_dlogits(s.get('max_abs_dlogits'))} |"
+            )
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    meta, settings = results["meta"], results["settings"]
+    lines = ["# peft_buffers benchmarks", ""]
+    if settings.get("quick"):
+        lines += ["> **Quick run** (tiny models, few repetitions): a smoke test, not figures to quote.", ""]
+    lines += _stamp_lines(meta)
+    lines += _merged_lines(results)
+    lines += [
+        f"- **Repetitions:** {settings['reps']} timed runs after {settings['warmup']} warm-up, strategies "
+        f"interleaved (order rotated every repetition); save/load folder: {settings['scratch']}",
+        "",
+        "Models are random-init from transformers configs. *Floor* = the stock PEFT file of the same trained model "
+        "+ the bytes of exactly the extra tensors (running statistics and trained direct parameters); *over floor* "
+        "is the rest (safetensors header: one JSON entry per extra tensor). Load = `PeftModel.from_pretrained` onto "
+        "a copy of the base already on the device (full checkpoint: `get_peft_model` + `safetensors.torch."
+        "load_model`), synchronized. Peak train mem = peak allocated during "
+        f"{results['models'][0]['train_steps'] if results['models'] else 0} AdamW steps, model copy included, "
+        "over what was allocated before. max |Δ logits|: trained model vs reloaded one, eval mode.",
+        "",
+        "## Results",
+        "",
+    ]
+    lines += headline_table(results)
+    lines += [
+        "", "## Models", "",
+        "| model | base params | dtype | input | LoRA | workaround copies | extra state (peft_buffers) "
+        "| extra tensor bytes | their safetensors header alone | byte-identical to stock |",
+        "|---|---:|---|---|---|---|---|---:|---:|---|",
+    ]
+    for m in results["models"]:
+        extra = m.get("extra_state", {})
+        inputs = (f"{m['train_batch']}×{m['image_size']}² px" if "image_size" in m
+                  else f"{m['train_batch']}×{m['seq_len']} tokens")
+        carried = (f"{extra.get('running_stat_tensors', 0)} running-stat tensors, "
+                   f"{extra.get('direct_param_tensors', 0)} direct params")
+        lines.append(
+            f"| {m['label']} | {m['base_params']:,} | {m['dtype']} | {inputs} | r={m['lora_r']} on "
+            f"{m['lora_targets']} modules | {m['workaround_modules']} ({m['workaround_note']}) | {carried} "
+            f"| {_bytes(extra.get('tensor_bytes'))} | {_bytes(_header_alone(extra))} "
+            f"| {extra.get('identical_to_stock_save', '–')} |"
+        )
+    if results.get("scaling"):
+        lines += [
+            "", "## Scaling: synthetic model with N BatchNorm1d layers", "",
+            "One LoRA-targeted Linear + N BatchNorm1d(8). *extra only* = safetensors writing / reading exactly the "
+            "extra tensors alone (`save_file` / `load_file`): what any carrier of them pays.", "",
+            "| N | runs | extra tensors | stock file | peft_buffers file | save ms stock | save ms peft_buffers "
+            "| save overhead | extra only | load ms stock | load ms peft_buffers | load overhead | extra only |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for e in results["scaling"]:
+            sv, ld = e["save_ms"], e["load_ms"]
+            lines.append(
+                f"| {e['norm_layers']:,} | {sv['stock']['n']} | {e['extra_tensors']:,} "
+                f"| {_bytes(e['file_bytes']['stock'])} "
+                f"| {_bytes(e['file_bytes']['peft_buffers'])} | {_ms(sv['stock'])} | {_ms(sv['peft_buffers'])} "
+                f"| {e['save_overhead_ms']['median_difference']:+.1f} | {sv['extra_only']['median']:.1f} "
+                f"| {_ms(ld['stock'])} | {_ms(ld['peft_buffers'])} "
+                f"| {e['load_overhead_ms']['median_difference']:+.1f} | {ld['extra_only']['median']:.1f} |"
+            )
+    if results["models"]:
+        lines += ["", "## Condensed (the README's table)", ""] + readme_table(results)
+    targets = results.get("targets") or []
+    if targets:
+        lines += ["", "## Targets", "", "| target | model | measured | bar | met |", "|---|---|---|---|---|"]
+        for t in targets:
+            lines.append(f"| {t['target']} | {t['model']} | {t['measured']} | {t['bar']} | "
+                         f"{'yes' if t['met'] else '**no**'} |")
+        if settings.get("device") != "cuda":
+            lines += ["", "The timing targets are set for the H100; on another device they are informative only."]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- plots
+
+
+def _stamp_text(results: dict) -> str:
+    meta = results["meta"]
+    machine = f"{meta['gpu']}, driver {meta.get('driver')}" if meta.get("gpu") else f"CPU: {meta['cpu']}"
+    return (f"{machine} | torch {meta['torch']}, peft {meta['peft']}, transformers {meta['transformers']} | "
+            f"{meta['date_utc']} | {meta['command']}")
+
+
+def render_plots(results: dict, out_dir: str) -> list:
+    """Write bytes.png, times.png and scaling.png; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    models = results["models"]
+    stamp = _stamp_text(results)
+    colors = {"stock": "#9e9e9e", "workaround": "#e69f00", "peft_buffers": "#0072b2", "full": "#cc79a7"}
+    if models:
+        names = list(models[0]["strategies"])
+        width = 0.8 / len(names)
+        xs = range(len(models))
+
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+        for i, s in enumerate(names):
+            values = [m["strategies"][s]["file_bytes"] for m in models]
+            ax.bar([x + i * width for x in xs], values, width, label=STRATEGY_LABELS[s], color=colors[s])
+        ax.set_yscale("log")
+        ax.set_ylabel("weights file bytes (log)")
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in xs], [m["label"] for m in models],
+                      rotation=15, fontsize=8)
+        ax.set_title("Adapter / checkpoint file size")
+        ax.legend(fontsize=8)
+
+        # Right: what each strategy adds over stock, next to the bytes of exactly the extra tensors.
+        extra_names = [s for s in ("workaround", "peft_buffers") if s in names]
+        series = [(STRATEGY_LABELS[s], colors[s], [m["strategies"][s].get("extra_bytes_over_stock") or 0
+                                                   for m in models]) for s in extra_names]
+        series.append(("extra tensors alone (floor − stock)", "#009e73",
+                       [m.get("extra_state", {}).get("tensor_bytes") or 0 for m in models]))
+        w2 = 0.8 / len(series)
+        for i, (label, color, values) in enumerate(series):
+            positions = [x + i * w2 for x in xs]
+            ax2.bar(positions, [max(v, 1) for v in values], w2, label=label, color=color)
+            for pos, v in zip(positions, values):
+                if v == 0:
+                    ax2.text(pos, 1.3, "0", ha="center", fontsize=7)
+        ax2.set_yscale("log")
+        ax2.set_ylabel("bytes over the stock PEFT file (log)")
+        ax2.set_xticks([x + w2 * (len(series) - 1) / 2 for x in xs], [m["label"] for m in models],
+                       rotation=15, fontsize=8)
+        ax2.set_title("Extra bytes over stock PEFT")
+        ax2.legend(fontsize=8)
+        fig.text(0.01, 0.005, stamp, fontsize=6, color="#555555")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        path = os.path.join(out_dir, "bytes.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, what, title in zip(axes, ("save_ms", "load_ms"), ("save", "load (from_pretrained)")):
+            for i, s in enumerate(names):
+                med = [m["strategies"][s][what]["median"] for m in models]
+                lo = [m["strategies"][s][what]["median"] - m["strategies"][s][what]["min"] for m in models]
+                hi = [m["strategies"][s][what]["max"] - m["strategies"][s][what]["median"] for m in models]
+                ax.bar([x + i * width for x in xs], med, width, yerr=[lo, hi], capsize=2, label=STRATEGY_LABELS[s],
+                       color=colors[s])
+            ax.set_yscale("log")
+            ax.set_ylabel("ms, median (bars: min–max, log)")
+            ax.set_xticks([x + width * (len(names) - 1) / 2 for x in xs], [m["label"] for m in models],
+                          rotation=15, fontsize=8)
+            ax.set_title(f"{title} time")
+        axes[0].legend(fontsize=8)
+        fig.text(0.01, 0.005, stamp, fontsize=6, color="#555555")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        path = os.path.join(out_dir, "times.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    scaling = results.get("scaling") or []
+    if scaling:
+        ns = [e["norm_layers"] for e in scaling]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+        for ax, what in zip(axes, ("save", "load")):
+            for variant, label in (("stock", "stock PEFT"), ("peft_buffers", "peft_buffers"),
+                                   ("extra_only", "extra tensors alone (safetensors)")):
+                ax.plot(ns, [e[f"{what}_ms"][variant]["median"] for e in scaling], marker="o", label=label,
+                        color=colors.get(variant, "#009e73"))
+            overhead = [max(e[f"{what}_overhead_ms"]["median_difference"], 1e-3) for e in scaling]
+            ax.plot(ns, overhead, marker="s", linestyle="--", color="#d55e00", label="peft_buffers − stock")
+            ax.axhline(SCALING_LIMIT_MS, color="#d55e00", linewidth=0.8, linestyle=":", label="20 ms target")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("BatchNorm layers")
+            ax.set_ylabel("ms, median (log)")
+            ax.set_title(f"{what} time vs number of norm layers")
+            ax.legend(fontsize=8)
+        fig.text(0.01, 0.005, stamp, fontsize=6, color="#555555")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        path = os.path.join(out_dir, "scaling.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
