@@ -49,7 +49,7 @@ class ExtraStateMismatch:
 
 
 class IncompatibleExtraState(PeftBuffersError, ValueError):
-    """Extra state in an adapter file does not fit the model. Nothing was changed.
+    """Extra state in an adapter file does not fit the model. Nothing was loaded.
 
     ``mismatches`` lists every offending key with what was expected, what was found, and the fix.
 
@@ -66,5 +66,5 @@ class IncompatibleExtraState(PeftBuffersError, ValueError):
         lines = "\n".join(str(m) for m in self.mismatches)
         super().__init__(
             f"adapter {adapter_name!r}: {len(self.mismatches)} key(s) of extra state (running statistics or "
-            f"direct parameters) do not fit the model; the model was left unchanged.\n{lines}"
+            f"direct parameters) do not fit the model; nothing was loaded.\n{lines}"
         )

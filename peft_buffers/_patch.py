@@ -21,8 +21,9 @@ from packaging.version import Version
 
 from . import _peft_view as pv
 from ._errors import IncompatibleExtraState, PeftBuffersError, UnsupportedPeftVersion
-from ._registry import GET, REGISTRY, SET, AdapterHook, PatchEntry, entry_for, newest_entry
-from ._state import find_running_stats, find_trainable_parameters, plan_load, raise_for_mismatches
+from ._integrations import plan_transformers_hooks, transformers_status
+from ._registry import GET, SET, AdapterHook, PatchEntry, entry_for, newest_entry, supported_range
+from ._state import BASE, find_extra_state, plan_load, raise_for_mismatches
 
 __all__ = ["disable", "enable", "is_enabled", "patch_status"]
 
@@ -65,23 +66,19 @@ def installed_peft_version() -> Version:
     return Version(version("peft"))
 
 
-def _supported_range() -> str:
-    return ", ".join(f"{e.line}.x ({e.versions})" for e in REGISTRY)
-
-
 def select_entry(version: Version, allow_untested: bool = False) -> tuple[PatchEntry, bool]:
     """The registry entry for ``version`` and whether that exact release is untested.
 
     Raises :class:`UnsupportedPeftVersion` for a version outside every range, unless ``allow_untested``.
 
     Example:
-        >>> select_entry(Version(REGISTRY[-1].tested))[1]
+        >>> select_entry(Version(newest_entry().tested))[1]
         False
     """
     entry = entry_for(version)
     if entry is None:
         if not allow_untested:
-            raise UnsupportedPeftVersion(str(version), _supported_range())
+            raise UnsupportedPeftVersion(str(version), supported_range())
         entry = newest_entry()
         warnings.warn(
             f"peft {version} is outside every range peft_buffers was tested on; using the entry for "
@@ -121,17 +118,29 @@ def _check_signature(fn: Callable, expected: tuple[str, ...], what: str, unteste
 
 
 def _peft_saved_keys_factory(original_get: Callable) -> Callable:
-    def peft_saved_keys(root, adapter_name: str) -> set:
-        """Keys PEFT itself saves for ``adapter_name`` (embedding layers included when present)."""
+    def peft_saved_keys(root, adapter_name: str, candidates: Optional[dict] = None) -> set:
+        """Keys PEFT itself saves for ``adapter_name`` (embedding layers included when present).
+
+        With ``candidates`` (key -> live tensor), only which of those PEFT saves: PEFT's own function runs
+        on that small state dict instead of the whole model's, which keeps loads cheap.
+        """
         if adapter_name is None or adapter_name not in getattr(root, "peft_config", {}):
             return set()
         kwargs = {"adapter_name": adapter_name}
         if "save_embedding_layers" in _param_names(original_get):
             kwargs["save_embedding_layers"] = True
+        if candidates is not None:
+            if not candidates:
+                return set()
+            try:
+                return set(pv.quiet(original_get, root, state_dict=dict(candidates), **kwargs)) & set(candidates)
+            except Exception:  # noqa: BLE001 - some tuners need their full state dict: ask with it below
+                pass
         try:
-            return set(pv.quiet(original_get, root, **kwargs))
+            keys = set(pv.quiet(original_get, root, **kwargs))
         except Exception:  # noqa: BLE001 - a model PEFT cannot save now claims nothing
             return set()
+        return keys & set(candidates) if candidates is not None else keys
 
     return peft_saved_keys
 
@@ -161,20 +170,25 @@ def _make_get(original: Callable, peft_saved_keys: Callable) -> Callable:
 def _extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set) -> dict:
     """The running statistics and direct parameters to add to ``adapter_name``'s saved state dict."""
     store = pv.ensure_store(root, is_enabled)
-    view = store.view
-    stats = find_running_stats(view)
+    stats, trainable = find_extra_state(store.view)
     extra: dict[str, torch.Tensor] = {}
     if adapter_name == store.live:
-        trainable = {k: p for k, p in find_trainable_parameters(view).items() if k not in peft_keys}
-        owned = {k: store.places[k] for k in store.owned_keys(adapter_name) if store.places[k].is_parameter}
-        for key, place in {**stats, **owned, **trainable}.items():
+        places = dict(stats)
+        for key in store.owned_keys(adapter_name):
+            if store.places[key].is_parameter:
+                places[key] = store.places[key]
+        for key, place in trainable.items():
+            if key not in peft_keys:
+                places[key] = place
+        for key, place in places.items():
             if state_dict is not None and key in state_dict:
                 extra[key] = state_dict[key]
             else:
-                extra[key] = place.tensor.detach()
+                tensor = place.tensor
+                extra[key] = tensor.detach() if place.is_parameter else tensor
         return extra
     for key, place in stats.items():
-        extra[key] = store.value(adapter_name, key) if key in store.places else place.tensor.detach()
+        extra[key] = store.value(adapter_name, key) if key in store.places else place.tensor
     for key in store.owned_keys(adapter_name):
         if store.places[key].is_parameter:
             extra[key] = store.value(adapter_name, key)
@@ -194,17 +208,10 @@ def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
         root = bound.arguments["model"]
         adapter_name = bound.arguments["adapter_name"]
         incoming = bound.arguments[sd_param]
-        claims: dict[str, set] = {}
-
-        def claimed_by_peft(key: str) -> bool:
-            if "keys" not in claims:
-                claims["keys"] = peft_saved_keys(root, adapter_name)
-            return key in claims["keys"]
-
         plan = plan_load(
             pv.model_view(root),
             incoming,
-            claimed_by_peft=claimed_by_peft,
+            claimed_by_peft=lambda candidates: peft_saved_keys(root, adapter_name, candidates),
             ignore_mismatched_sizes=bool(bound.arguments.get("ignore_mismatched_sizes", False)),
         )
         raise_for_mismatches(plan, adapter_name)  # before anything changes
@@ -227,6 +234,23 @@ def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
     return set_peft_model_state_dict
 
 
+def _after_adapter_change(root, peft_saved_keys: Callable) -> None:
+    """Make the active adapter's extra state live; forget the extra state of adapters PEFT no longer has.
+
+    A deleted adapter that is still live (PEFT < 0.16 leaves it active until ``set_adapter``) is forgotten at
+    the next switch.
+    """
+    if _patch is None:
+        return
+    pv.sync(root, peft_saved_keys)
+    store = pv.attached_store(root)
+    known = getattr(root, "peft_config", None)
+    if store is None or not isinstance(known, dict):
+        return
+    for owner in {*store.owned, *store.stored} - {BASE, store.live} - set(known):
+        store.forget(owner)
+
+
 def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
     if hook.kind == "attach":
 
@@ -239,22 +263,32 @@ def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable)
         return init
 
     if hook.kind == "sync":
-        signature = inspect.signature(original)
-        forgets = original.__name__ == "delete_adapter"
 
         @functools.wraps(original)
         def method(self, *args, **kwargs):
             result = original(self, *args, **kwargs)
-            if _patch is not None:
-                pv.sync(self, peft_saved_keys)
-                store = pv.attached_store(self)
-                if forgets and store is not None:
-                    name = signature.bind(self, *args, **kwargs).arguments.get("adapter_name")
-                    if isinstance(name, str) and name != store.live:
-                        store.forget(name)
+            _after_adapter_change(self, peft_saved_keys)
             return result
 
         return method
+
+    if hook.kind == "forward":
+
+        @functools.wraps(original)
+        def __getattr__(self, name):
+            value = original(self, name)
+            if name != hook.method or _patch is None or not callable(value):
+                return value
+
+            @functools.wraps(value)
+            def forwarded(*args, **kwargs):
+                result = value(*args, **kwargs)
+                _after_adapter_change(self, peft_saved_keys)
+                return result
+
+            return forwarded
+
+        return __getattr__
 
     if hook.kind == "disable":
 
@@ -351,6 +385,8 @@ def enable(*, allow_untested: bool = False) -> PatchEntry:
             if original is None:
                 raise PeftBuffersError(f"{hook.target} is not defined on {owner!r}; fix the registry entry.")
             planned.append(_Binding(owner, attr, original, _make_hook(hook, original, peft_saved_keys)))
+        for owner, attr, original, replacement in plan_transformers_hooks(peft_saved_keys, is_enabled):
+            planned.append(_Binding(owner, attr, original, replacement))  # transformers-native adapters
 
         for binding in planned:  # everything checked: now change things
             setattr(binding.owner, binding.attr, binding.replacement)
@@ -400,5 +436,6 @@ def patch_status() -> dict:
             "tested": _patch.entry.tested,
             "untested": _patch.untested,
             "sites": sites,
+            "transformers": transformers_status(),
         }
 

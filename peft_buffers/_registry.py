@@ -17,6 +17,10 @@ Each entry names, for one release line:
   disable, delete); the wrapper calls the original and then re-syncs the per-adapter extra state;
 * ``transformers``: the transformers pin CI pairs with this line on torch 2.13 CPU.
 
+The matrix ``nox -s compat`` (``noxfile.py``) reads this module on its own, without importing the package:
+keep it free of torch and PEFT imports. ``python -m peft_buffers doctor --deep`` shows, for the installed
+PEFT, every module that binds the functions, which is how the site lists below were found.
+
 Example:
     >>> from packaging.version import Version
     >>> from peft_buffers._registry import entry_for
@@ -32,7 +36,8 @@ from typing import Optional
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-__all__ = ["AdapterHook", "PatchEntry", "REGISTRY", "entry_for", "newest_entry"]
+__all__ = ["AdapterHook", "PatchEntry", "REGISTRY", "entry_for", "newest_entry", "range_text", "readme_with_table",
+           "support_table", "supported_range"]
 
 GET = "get_peft_model_state_dict"
 SET = "set_peft_model_state_dict"
@@ -46,11 +51,16 @@ class AdapterHook:
 
     * ``"attach"``: after the original ``__init__``, attach the extra-state store to the new model;
     * ``"sync"``: after the original returns, make the active adapter's extra state live;
-    * ``"disable"``: a context manager; inside it, the base model's own values are live.
+    * ``"disable"``: a context manager; inside it, the base model's own values are live;
+    * ``"load"``: when the original raises :class:`~peft_buffers.IncompatibleExtraState` for an adapter it
+      had just added, delete that adapter again, so a failed load leaves the model as it was;
+    * ``"forward"``: ``target`` is a ``__getattr__`` that forwards ``method`` to the tuner (PEFT < 0.16 has no
+      ``PeftModel.delete_adapter``); the forwarded call is wrapped like a ``"sync"`` hook on the PeftModel.
     """
 
     target: str  # "module.path:Class.method"
     kind: str
+    method: str = ""  # for kind "forward": the forwarded attribute
 
 
 @dataclass(frozen=True)
@@ -72,28 +82,72 @@ class PatchEntry:
         return self.versions.contains(version, prereleases=True)
 
 
-_PEFT_MODEL_HOOKS = (
-    AdapterHook("peft.peft_model:PeftModel.__init__", "attach"),
-    AdapterHook("peft.peft_model:PeftModel.set_adapter", "sync"),
-    AdapterHook("peft.peft_model:PeftModel.delete_adapter", "sync"),
-    AdapterHook("peft.peft_model:PeftModel.disable_adapter", "disable"),
-)
+_ATTACH = AdapterHook("peft.peft_model:PeftModel.__init__", "attach")
+_SET_ADAPTER = AdapterHook("peft.peft_model:PeftModel.set_adapter", "sync")
+_DISABLE = AdapterHook("peft.peft_model:PeftModel.disable_adapter", "disable")
+_LOAD = AdapterHook("peft.peft_model:PeftModel.load_adapter", "load")
+# PeftModel.delete_adapter exists from 0.16; before, PeftModel.__getattr__ forwards it to the tuner.
+_HOOKS_V06 = (_ATTACH, _SET_ADAPTER, AdapterHook("peft.peft_model:PeftModel.__getattr__", "forward",
+                                                 "delete_adapter"), _DISABLE, _LOAD)
+_HOOKS_V16 = (_ATTACH, _SET_ADAPTER, AdapterHook("peft.peft_model:PeftModel.delete_adapter", "sync"), _DISABLE,
+              _LOAD)
 
-_GET_V07 = ("model", "state_dict", "adapter_name", "unwrap_compiled", "save_embedding_layers")
-_SET_V13 = ("model", "peft_model_state_dict", "adapter_name", "ignore_mismatched_sizes", "low_cpu_mem_usage")
-_SITES_BASE = ("peft", "peft.utils", "peft.utils.save_and_load", "peft.peft_model")
+_GET_V06 = ("model", "state_dict", "adapter_name", "unwrap_compiled")
+_GET_V07 = _GET_V06 + ("save_embedding_layers",)
+_SET_V06 = ("model", "peft_model_state_dict", "adapter_name")
+_SET_V11 = _SET_V06 + ("ignore_mismatched_sizes",)
+_SET_V13 = _SET_V11 + ("low_cpu_mem_usage",)
+
+# Modules that bind the functions by name once `peft` and its submodules are imported (found by scanning
+# sys.modules for the function objects after importing every peft submodule, on each line's tested release).
+_SITES_V06 = ("peft", "peft.utils", "peft.utils.save_and_load", "peft.peft_model")
+_GET_SITES_V11 = _SITES_V06 + ("peft.tuners.lora.model",)
+_SET_SITES_V13 = _SITES_V06 + ("peft.tuners.xlora.model",)
+_GET_SITES_V18 = _SITES_V06 + ("peft.functional", "peft.tuners.lora.model")
+_SET_SITES_V18 = _SITES_V06 + ("peft.functional", "peft.tuners.xlora.model")
+
+# transformers 5.x removed `HybridCache`, which PEFT 0.16 and 0.17 import at `import peft`; transformers 5.x's
+# Trainer imports `peft.PeftMixedModel`, which PEFT 0.6 lacks. Those lines are tested with the last 4.x release.
+_TRANSFORMERS_4 = "4.57.6"
+
+
+def _line(line: str, next_line: str) -> SpecifierSet:
+    return SpecifierSet(f">={line}.0,<{next_line}.0")
+
 
 REGISTRY: tuple[PatchEntry, ...] = (
-    PatchEntry(
-        line="0.21",
-        versions=SpecifierSet(">=0.21.0,<0.22.0"),
-        tested="0.21.2",
-        get_signature=_GET_V07,
-        set_signature=_SET_V13,
-        get_sites=_SITES_BASE + ("peft.functional", "peft.tuners.lora.model"),
-        set_sites=_SITES_BASE + ("peft.functional", "peft.tuners.xlora.model"),
-        adapter_hooks=_PEFT_MODEL_HOOKS,
-    ),
+    PatchEntry("0.6", _line("0.6", "0.7"), "0.6.2", _GET_V06, _SET_V06, _SITES_V06, _SITES_V06,
+               adapter_hooks=_HOOKS_V06, transformers=_TRANSFORMERS_4),
+    PatchEntry("0.7", _line("0.7", "0.8"), "0.7.1", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06,
+               adapter_hooks=_HOOKS_V06),
+    PatchEntry("0.8", _line("0.8", "0.9"), "0.8.2", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06,
+               adapter_hooks=_HOOKS_V06),
+    PatchEntry("0.9", _line("0.9", "0.10"), "0.9.0", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06,
+               adapter_hooks=_HOOKS_V06),
+    PatchEntry("0.10", _line("0.10", "0.11"), "0.10.0", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06,
+               adapter_hooks=_HOOKS_V06),
+    PatchEntry("0.11", _line("0.11", "0.12"), "0.11.1", _GET_V07, _SET_V11, _GET_SITES_V11, _SITES_V06,
+               adapter_hooks=_HOOKS_V06),
+    PatchEntry("0.12", _line("0.12", "0.13"), "0.12.0", _GET_V07, _SET_V11, _GET_SITES_V11, _SITES_V06,
+               adapter_hooks=_HOOKS_V06),
+    PatchEntry("0.13", _line("0.13", "0.14"), "0.13.2", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
+               adapter_hooks=_HOOKS_V06),
+    PatchEntry("0.14", _line("0.14", "0.15"), "0.14.0", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
+               adapter_hooks=_HOOKS_V06),
+    PatchEntry("0.15", _line("0.15", "0.16"), "0.15.2", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
+               adapter_hooks=_HOOKS_V06),
+    PatchEntry("0.16", _line("0.16", "0.17"), "0.16.0", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
+               adapter_hooks=_HOOKS_V16, transformers=_TRANSFORMERS_4),
+    PatchEntry("0.17", _line("0.17", "0.18"), "0.17.1", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
+               adapter_hooks=_HOOKS_V16, transformers=_TRANSFORMERS_4),
+    PatchEntry("0.18", _line("0.18", "0.19"), "0.18.1", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
+               adapter_hooks=_HOOKS_V16),
+    PatchEntry("0.19", _line("0.19", "0.20"), "0.19.1", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
+               adapter_hooks=_HOOKS_V16),
+    PatchEntry("0.20", _line("0.20", "0.21"), "0.20.0", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
+               adapter_hooks=_HOOKS_V16),
+    PatchEntry("0.21", _line("0.21", "0.22"), "0.21.2", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
+               adapter_hooks=_HOOKS_V16),
 )
 
 
@@ -119,3 +173,135 @@ def newest_entry() -> PatchEntry:
         True
     """
     return max(REGISTRY, key=lambda e: Version(e.tested))
+
+
+README_START = "<!-- support-table:start -->"
+README_END = "<!-- support-table:end -->"
+
+
+def range_text(entry: PatchEntry) -> str:
+    """The entry's version range, lower bound first.
+
+    Example:
+        >>> range_text(REGISTRY[0])
+        '>=0.6.0, <0.7.0'
+    """
+    return ", ".join(sorted((str(s) for s in entry.versions), key=lambda s: not s.startswith(">")))
+
+
+def supported_range() -> str:
+    """The PEFT versions the whole registry covers (its ranges are contiguous).
+
+    Example:
+        >>> supported_range()
+        '>=0.6.0, <0.22.0'
+    """
+    lowest = min(REGISTRY, key=lambda e: Version(e.tested))
+    highest = newest_entry()
+    return f"{range_text(lowest).split(', ')[0]}, {range_text(highest).split(', ')[-1]}"
+
+
+def support_table() -> str:
+    """The README's support table, generated from :data:`REGISTRY` (newest line first).
+
+    Example:
+        >>> support_table().splitlines()[2].startswith("| 0.21 |")
+        True
+    """
+    rows = [
+        "| PEFT line | Versions | Tested in CI | with transformers | Load options passed through |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for entry in sorted(REGISTRY, key=lambda e: Version(e.tested), reverse=True):
+        options = ", ".join(f"`{name}`" for name in entry.set_signature[3:]) or "none"
+        rows.append(f"| {entry.line} | `{range_text(entry)}` | {entry.tested} | {entry.transformers} | {options} |")
+    return "\n".join(rows)
+
+
+def readme_with_table(readme: str) -> str:
+    """``readme`` with the text between the support-table markers replaced by :func:`support_table`.
+
+    Example:
+        >>> readme_with_table(f"x\\n{README_START}\\nold\\n{README_END}\\n").count("| 0.6 |")
+        1
+    """
+    head, start, rest = readme.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not start or not end:
+        raise ValueError(f"README has no {README_START} ... {README_END} markers")
+    note = "<!-- generated from peft_buffers/_registry.py by `python -m peft_buffers doctor --update-readme` -->"
+    return f"{head}{start}\n{note}\n{support_table()}\n{end}{tail}"
+
+
+# ------------------------------------------------------------------ transformers-native adapters (issue 6)
+# transformers' `PeftAdapterMixin` attaches adapters to a transformers model without a PeftModel
+# (`model.add_adapter`, `load_adapter`, `set_adapter`, ...). Saving goes through get_peft_model_state_dict,
+# patched above; these entries say which mixin methods to hook so loading and switching keep each adapter's
+# extra state. Hook kinds (implemented in `peft_buffers/_integrations/transformers_adapters.py`):
+#
+# * ``"attach"``: after the original (``add_adapter``), attach the extra-state store, make the active adapter's
+#   state live;
+# * ``"switch"``: after the original (``set_adapter``, ``enable_adapters``, ``disable_adapters``), make the
+#   extra state of the adapter that computes now live (the base model's own while adapters are disabled);
+# * ``"delete"``: after the original (``delete_adapter``), switch as above and forget deleted adapters' state;
+# * ``"load"``: transformers 5.x ``load_adapter`` loads the file through its own weight loader and never calls
+#   set_peft_model_state_dict: validate the file's extra state first, then keep what the loader wrote into the
+#   live tensors as the loaded adapter's own values (live only when that adapter is active);
+# * ``"validate"``: transformers 4.x ``load_adapter`` loads through set_peft_model_state_dict (patched above),
+#   but only after injecting the adapter: validate the file's extra state before the original runs, so a bad
+#   file leaves the model untouched.
+
+
+@dataclass(frozen=True)
+class TransformersEntry:
+    """The ``PeftAdapterMixin`` hooks for one transformers release range (``tested``: the release CI runs).
+
+    ``load_signature``: the leading parameters of ``load_adapter`` the load hook expects; checked at ``enable()``.
+
+    Example:
+        >>> from packaging.version import Version
+        >>> transformers_entry_for(Version("5.23.0")).tested
+        '5.23.0'
+    """
+
+    versions: SpecifierSet
+    tested: str
+    hooks: tuple[AdapterHook, ...]
+    load_signature: tuple[str, ...] = ()
+
+    def covers(self, version: Version) -> bool:
+        return self.versions.contains(version, prereleases=True)
+
+
+_MIXIN = "transformers.integrations.peft:PeftAdapterMixin"
+_MIXIN_HOOKS = (
+    AdapterHook(f"{_MIXIN}.add_adapter", "attach"),
+    AdapterHook(f"{_MIXIN}.set_adapter", "switch"),
+    AdapterHook(f"{_MIXIN}.enable_adapters", "switch"),
+    AdapterHook(f"{_MIXIN}.disable_adapters", "switch"),
+    AdapterHook(f"{_MIXIN}.delete_adapter", "delete"),
+)
+_LOAD_V4 = ("self", "peft_model_id", "adapter_name", "revision", "token")
+_LOAD_V5 = ("self", "peft_model_id", "adapter_name", "peft_config", "adapter_state_dict", "low_cpu_mem_usage",
+            "is_trainable", "hotswap", "local_files_only", "adapter_kwargs", "load_config")
+
+TRANSFORMERS_REGISTRY: tuple[TransformersEntry, ...] = (
+    TransformersEntry(SpecifierSet(">=4.57.0,<5.0.0"), "4.57.6",
+                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "validate"),), _LOAD_V4),
+    TransformersEntry(SpecifierSet(">=5.0.0,<6.0.0"), "5.23.0",
+                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "load"),), _LOAD_V5),
+)
+
+
+def transformers_entry_for(version: Version) -> Optional[TransformersEntry]:
+    """The transformers-native hook entry whose range covers ``version``, or None (then nothing is hooked).
+
+    Example:
+        >>> from packaging.version import Version
+        >>> transformers_entry_for(Version("4.30.0")) is None
+        True
+    """
+    return next((entry for entry in TRANSFORMERS_REGISTRY if entry.covers(version)), None)
+
+
+__all__ += ["TRANSFORMERS_REGISTRY", "TransformersEntry", "transformers_entry_for"]

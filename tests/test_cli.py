@@ -34,7 +34,7 @@ def test_inspect_sorts_adapter_stats_and_direct_parameters(tmp_path, capsys):
         model = get_peft_model(spec.make(), tuner_config("lora", spec))
         unfreeze_embeddings(model)
         train(model, spec, steps=1)
-        model.save_pretrained(tmp_path)
+        model.save_pretrained(tmp_path, safe_serialization=True)
     finally:
         peft_buffers.disable()
     assert main(["inspect", str(tmp_path)]) == 0
@@ -55,7 +55,7 @@ def test_inspect_groups_running_statistics_by_module(tmp_path, capsys):
     try:
         model = get_peft_model(spec.make(), tuner_config("lora", spec))
         train(model, spec, steps=1)
-        model.save_pretrained(tmp_path)
+        model.save_pretrained(tmp_path, safe_serialization=True)
     finally:
         peft_buffers.disable()
     assert main(["inspect", str(tmp_path)]) == 0

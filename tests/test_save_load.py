@@ -63,7 +63,7 @@ def test_reload_is_bitwise_equal(enabled, tmp_path, model_name, tuner):
     model = trained_model(spec, tuner)
     x = spec.inputs(seed=99)
     expected = logits(model, x)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
 
     loaded = PeftModel.from_pretrained(spec.make(), tmp_path).eval()
 
@@ -77,7 +77,7 @@ def test_without_peft_buffers_the_reload_differs(stock, tmp_path, model_name):
     spec = ZOO[model_name]
     model = trained_model(spec)
     x = spec.inputs(seed=99)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
 
     loaded = PeftModel.from_pretrained(spec.make(), tmp_path).eval()
 
@@ -89,10 +89,10 @@ def test_file_carries_exactly_adapter_plus_running_statistics(tmp_path):
     spec = ZOO["mixed_norms"]
     model = trained_model(spec)
     peft_buffers.disable()
-    model.save_pretrained(tmp_path / "stock")
+    model.save_pretrained(tmp_path / "stock", safe_serialization=True)
     peft_buffers.enable()
     try:
-        model.save_pretrained(tmp_path / "ours")
+        model.save_pretrained(tmp_path / "ours", safe_serialization=True)
     finally:
         peft_buffers.disable()
     prefix = "base_model.model."
@@ -116,7 +116,7 @@ def test_vit_direct_parameters_round_trip(enabled, tmp_path, is_trainable):
     train(model, spec)
     x = spec.inputs(seed=99)
     expected = logits(model, x)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
 
     keys = saved_keys(tmp_path)
     assert set(direct) <= keys
@@ -132,7 +132,7 @@ def test_vit_direct_parameters_round_trip(enabled, tmp_path, is_trainable):
 def test_resumed_training_continues_identically(enabled, tmp_path):
     spec = ZOO["mixed_norms"]  # momentum=None BatchNorm: the average depends on num_batches_tracked
     model = trained_model(spec, steps=2)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     resumed = PeftModel.from_pretrained(spec.make(), tmp_path, is_trainable=True)
 
     train(model, spec, steps=2, seed=10)
@@ -152,7 +152,7 @@ def test_stock_peft_loads_our_file_silently(tmp_path, recwarn):
     model = trained_model(spec)
     peft_buffers.enable()
     try:
-        model.save_pretrained(tmp_path)
+        model.save_pretrained(tmp_path, safe_serialization=True)
     finally:
         peft_buffers.disable()
     loaded = PeftModel.from_pretrained(spec.make(), tmp_path).eval()
@@ -164,7 +164,7 @@ def test_stock_peft_loads_our_file_silently(tmp_path, recwarn):
 def test_enabled_loads_a_stock_file_as_stock_does(tmp_path):
     spec = ZOO["resnet"]
     model = trained_model(spec)
-    model.save_pretrained(tmp_path)  # peft_buffers disabled: a stock file
+    model.save_pretrained(tmp_path, safe_serialization=True)  # peft_buffers disabled: a stock file
     x = spec.inputs(seed=99)
     stock_out = logits(PeftModel.from_pretrained(spec.make(), tmp_path).eval(), x)
     peft_buffers.enable()
@@ -179,7 +179,7 @@ def test_enabled_loads_a_stock_file_as_stock_does(tmp_path):
 def test_low_cpu_mem_usage(enabled, tmp_path):
     spec = ZOO["resnet"]
     model = trained_model(spec)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     loaded = PeftModel.from_pretrained(spec.make(), tmp_path, low_cpu_mem_usage=True).eval()
     x = spec.inputs(seed=99)
     assert torch.equal(logits(loaded, x), logits(model, x))
@@ -210,10 +210,10 @@ def test_modules_to_save_norm_is_left_to_peft(tmp_path):
     # PEFT's documented workaround for #1732 saves the whole norm layer itself; we add only the others.
     spec = ZOO["mixed_norms"]
     model = trained_model(spec, modules_to_save=["bn1d"])
-    model.save_pretrained(tmp_path / "stock")
+    model.save_pretrained(tmp_path / "stock", safe_serialization=True)
     peft_buffers.enable()
     try:
-        model.save_pretrained(tmp_path / "ours")
+        model.save_pretrained(tmp_path / "ours", safe_serialization=True)
         loaded = PeftModel.from_pretrained(spec.make(), tmp_path / "ours").eval()
     finally:
         peft_buffers.disable()
@@ -239,7 +239,7 @@ def two_adapters(tmp_path):
     for name, seed in (("A", 1), ("B", 50)):
         model = trained_model(spec, steps=3, seed=seed)
         out[name] = logits(model, x)
-        model.save_pretrained(tmp_path / name)
+        model.save_pretrained(tmp_path / name, safe_serialization=True)
     out["base"] = logits(spec.make().eval(), x)
     yield spec, x, out, tmp_path
     peft_buffers.disable()
@@ -291,7 +291,7 @@ def test_save_of_inactive_adapter_carries_its_own_state(two_adapters, tmp_path):
     spec, x, out, path = two_adapters
     model = PeftModel.from_pretrained(spec.make(), path / "A", adapter_name="A").eval()
     model.load_adapter(path / "B", adapter_name="B")
-    model.save_pretrained(tmp_path / "both")  # saves A at the root and B under B/
+    model.save_pretrained(tmp_path / "both", safe_serialization=True)  # saves A at the root and B under B/
     reloaded = PeftModel.from_pretrained(spec.make(), tmp_path / "both" / "B").eval()
     assert torch.equal(logits(reloaded, x), out["B"])
 
@@ -343,9 +343,9 @@ def _assert_untouched(model, before):
 )
 def test_bad_file_raises_and_leaves_model_untouched(enabled, tmp_path, change, key, expected_text):
     spec = ZOO["mixed_norms"]
-    trained_model(spec).save_pretrained(tmp_path / "bad")
+    trained_model(spec).save_pretrained(tmp_path / "bad", safe_serialization=True)
     _tamper(tmp_path / "bad", change)
-    trained_model(spec, seed=7).save_pretrained(tmp_path / "good")
+    trained_model(spec, seed=7).save_pretrained(tmp_path / "good", safe_serialization=True)
     model = PeftModel.from_pretrained(spec.make(), tmp_path / "good", adapter_name="A").eval()
     before = _snapshot(model)
     x = spec.inputs(seed=99)
@@ -363,7 +363,7 @@ def test_bad_file_raises_and_leaves_model_untouched(enabled, tmp_path, change, k
 
 def test_all_offending_keys_are_named_at_once(enabled, tmp_path):
     spec = ZOO["mixed_norms"]
-    trained_model(spec).save_pretrained(tmp_path)
+    trained_model(spec).save_pretrained(tmp_path, safe_serialization=True)
 
     def change(t):
         t[f"{BN}.running_mean"] = torch.zeros(2)
@@ -380,7 +380,7 @@ def test_all_offending_keys_are_named_at_once(enabled, tmp_path):
 
 def test_module_without_statistics_is_reported(enabled, tmp_path):
     spec = ZOO["mixed_norms"]
-    trained_model(spec).save_pretrained(tmp_path)
+    trained_model(spec).save_pretrained(tmp_path, safe_serialization=True)
     base = spec.make()
     base.bn1d = torch.nn.BatchNorm1d(16, track_running_stats=False)
     before = [(t, t.detach().clone()) for t in [*base.parameters(), *base.buffers()]]
@@ -394,7 +394,7 @@ def test_module_without_statistics_is_reported(enabled, tmp_path):
 
 def test_restored_tensors_take_the_models_dtype(enabled, tmp_path):
     spec = ZOO["mixed_norms"]
-    trained_model(spec).save_pretrained(tmp_path)
+    trained_model(spec).save_pretrained(tmp_path, safe_serialization=True)
     loaded = PeftModel.from_pretrained(spec.make().double(), tmp_path)
     bn = loaded.base_model.model.bn1d
     assert bn.running_mean.dtype == torch.float64
@@ -403,7 +403,7 @@ def test_restored_tensors_take_the_models_dtype(enabled, tmp_path):
 
 def test_module_modes_are_not_changed_by_loading(tmp_path):
     spec = ZOO["mixed_norms"]
-    trained_model(spec).save_pretrained(tmp_path)
+    trained_model(spec).save_pretrained(tmp_path, safe_serialization=True)
     modes = {}
     for on in (False, True):
         if on:
@@ -475,7 +475,7 @@ def test_base_parameters_peft_saves_itself_stay_peft_s(enabled, tmp_path):
     # bias="all": PEFT saves the (trainable) biases itself; they must not be duplicated or managed per adapter.
     spec = ZOO["mixed_norms"]
     model = trained_model(spec, bias="all")
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     loaded = PeftModel.from_pretrained(spec.make(), tmp_path).eval()
     x = spec.inputs(seed=99)
     assert torch.equal(logits(loaded, x), logits(model, x))

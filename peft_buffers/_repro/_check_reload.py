@@ -292,7 +292,7 @@ def _merged_modules(model: nn.Module) -> set[int]:
     found = set()
     for module in model.modules():
         if isinstance(module, BaseTunerLayer) and getattr(module, "merged", False):
-            found.add(id(module.get_base_layer()))
+            found.add(id(getattr(module, "base_layer", module)))  # PEFT 0.6: the tuner layer is the base layer
             found.add(id(module))
     return found
 

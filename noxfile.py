@@ -1,0 +1,125 @@
+"""Compatibility matrix: the behaviour tests on every PEFT release line in the registry, one venv per line.
+
+    nox -s compat                     # all 16 lines (0.6 ... 0.21), sequentially
+    nox -s "compat(0.13)"             # one line
+    nox -s compat -- tests/test_save_load.py -x    # other pytest arguments (default: tests)
+
+Each session runs ``python -m peft_buffers doctor --deep --strict`` (the registry entry matches this PEFT:
+every binding site patched, none missed) and then pytest on ``tests/`` (skips name what a line lacks).
+
+A fresh venv with torch costs ~33 s, so torch==2.13.0, the line's transformers pin and the test tools are
+installed once per transformers pin into a shared base venv under ``.nox/_base/``; each line's own venv
+holds only its PEFT release (``--no-deps``, then ``pip check``) and sees the base through a ``.pth`` file.
+A line venv's own packages come first on ``sys.path``, so its PEFT shadows anything in the base.
+The lines, their tested releases and transformers pins are read from ``peft_buffers/_registry.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+TORCH = "torch==2.13.0"
+ACCELERATE = "accelerate==1.15.0"
+TEST_TOOLS = ("pytest>=7", "hypothesis>=6", "safetensors>=0.3.1", "packaging>=20.0")
+
+nox.options.sessions = ["compat"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _load_registry():
+    # Load the module file alone: `import peft_buffers` would import torch, which nox's own env lacks.
+    spec = importlib.util.spec_from_file_location("_peft_buffers_registry", ROOT / "peft_buffers" / "_registry.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look the module up while building the classes
+    spec.loader.exec_module(module)
+    return module.REGISTRY
+
+
+REGISTRY = {entry.line: entry for entry in _load_registry()}
+
+
+def _shared_base(session: nox.Session, transformers: str) -> Path:
+    """The site-packages of a venv with torch, ``transformers`` and the test tools, built once per pin."""
+    requirements = [TORCH, f"transformers=={transformers}", ACCELERATE, *TEST_TOOLS]
+    base = ROOT / ".nox" / "_base" / f"transformers-{transformers}"
+    python = base / "bin" / "python"
+    stamp = base / "requirements.txt"
+    if not (stamp.exists() and stamp.read_text() == "\n".join(requirements)):
+        session.log(f"building the shared base {base.name} (once): {' '.join(requirements)}")
+        session.run(sys.executable, "-m", "virtualenv", "-q", "--clear", str(base), external=True)
+        session.run(str(python), "-m", "pip", "install", "-q", *requirements, external=True)
+        stamp.write_text("\n".join(requirements))
+    purelib = session.run(
+        str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", external=True, silent=True
+    )
+    return Path(purelib.strip())
+
+
+def _link_base(session: nox.Session, site_packages: Path) -> None:
+    purelib = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True)
+    (Path(purelib.strip()) / "_peft_buffers_shared_base.pth").write_text(f"{site_packages}\n")
+
+
+@nox.session
+@nox.parametrize("line", [nox.param(line, id=line) for line in REGISTRY])
+def compat(session: nox.Session, line: str) -> None:
+    """doctor --deep --strict, then the behaviour tests, on this PEFT line's tested release."""
+    entry = REGISTRY[line]
+    _link_base(session, _shared_base(session, entry.transformers))
+    session.install("--no-deps", f"peft=={entry.tested}")
+    session.run("python", "-m", "pip", "check")  # the line's own requirements hold against the shared base
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    session.run("python", "-m", "peft_buffers", "doctor", "--deep", "--strict", env=env)
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *(session.posargs or ["tests"]), env=env)
+
+
+# --- integration sessions (issue 6) ---
+# Integration paths (tests/integrations): each session reuses the shared base venvs above and PEFT 0.21.2.
+#     nox -s transformers_native      # model.add_adapter / load_adapter / set_adapter on transformers 5.23, 4.57.6
+#     nox -s distributed              # accelerate DDP and torch FSDP2, 2 processes each on gloo (CPU)
+#     nox -s peft_suite               # PEFT's own save/load tests, stock vs peft_buffers.enable(): same outcomes
+INTEGRATION_PEFT = "0.21.2"
+# transformers 5.24 refuses every released PEFT for its own adapter methods (it wants >= 0.22).
+NATIVE_TRANSFORMERS = ("5.23.0", "4.57.6")
+# Test-only needs of PEFT's own test files (imported at module level by tests/testing_common.py & co.;
+# scikit-learn: AdaMSS; attrs: peft.tuners.lora.corda imports it without declaring it).
+PEFT_SUITE_TOOLS = ("diffusers==0.42.1", "datasets==5.2.0", "scipy==1.17.1", "parameterized==0.9.0",
+                    "scikit-learn==1.9.1", "attrs==26.1.0")
+INTEGRATION_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "PYTHONPATH": str(ROOT)}
+
+
+def _integration_venv(session: nox.Session, transformers: str) -> None:
+    _link_base(session, _shared_base(session, transformers))
+    session.install("--no-deps", f"peft=={INTEGRATION_PEFT}")
+
+
+@nox.session
+@nox.parametrize("transformers", [nox.param(v, id=v.rsplit(".", 1)[0]) for v in NATIVE_TRANSFORMERS])
+def transformers_native(session: nox.Session, transformers: str) -> None:
+    """transformers-native adapters keep per-adapter extra state (issue 6)."""
+    _integration_venv(session, transformers)
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                *(session.posargs or ["tests/integrations/test_transformers_native.py"]), env=INTEGRATION_ENV)
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """accelerate DDP (accelerate launch) and FSDP2 (torchrun), 2 CPU processes on gloo (issue 6)."""
+    _integration_venv(session, REGISTRY["0.21"].transformers)
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--runslow",
+                *(session.posargs or ["tests/integrations/test_distributed.py"]), env=INTEGRATION_ENV)
+
+
+@nox.session
+def peft_suite(session: nox.Session) -> None:
+    """PEFT 0.21.2's save/load tests from its sdist, stock and with peft_buffers: identical outcomes (issue 6)."""
+    _integration_venv(session, "5.23.0")
+    session.install(*PEFT_SUITE_TOOLS)
+    session.run("python", "tests/integrations/peft_suite.py", "--record", str(ROOT / ".nox" / "peft_suite.tsv"),
+                *session.posargs, env=INTEGRATION_ENV)

@@ -1,0 +1,195 @@
+"""``python -m peft_buffers doctor``: which versions are installed, which registry entry applies, what is patched.
+
+The report answers the questions a bug report needs: the torch / PEFT / transformers versions, the registry
+entry ``enable()`` picks for this PEFT, whether CI tests exactly this release (and with this transformers),
+and every binding site and adapter hook, each patched or not. With ``--deep`` every PEFT submodule is imported
+first, so a module that binds PEFT's state-dict functions but is missing from the registry entry shows up as
+an unpatched binding site.
+
+``--support-table`` prints the README's table of supported PEFT lines, generated from the registry;
+``--update-readme`` writes it between the README's markers.
+
+Exit status: 0 when the patch applies cleanly; 1 when it does not (unsupported PEFT, an unpatched site); with
+``--strict`` also 1 when this PEFT release or its transformers is not the pair CI tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import pkgutil
+import platform
+import sys
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Optional
+
+from packaging.version import Version
+
+from . import __version__, _patch
+from ._errors import PeftBuffersError
+from ._registry import GET, SET, PatchEntry, range_text, readme_with_table, support_table
+
+__all__ = ["doctor_report", "main"]
+
+_PACKAGES = ("torch", "peft", "transformers", "accelerate", "safetensors")
+
+
+def _installed(name: str) -> Optional[str]:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _import_every_peft_module() -> list[str]:
+    """Import every PEFT submodule that imports here; return the ones that do not (e.g. bitsandbytes)."""
+    import peft
+
+    failed: list[str] = []
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with quiet[0], quiet[1], warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module in pkgutil.walk_packages(peft.__path__, "peft.", onerror=failed.append):
+            try:
+                importlib.import_module(module.name)
+            except Exception:  # noqa: BLE001 - an optional dependency is missing: that module binds nothing
+                failed.append(module.name)
+    return sorted(set(failed))
+
+
+def _still_original() -> list[str]:
+    """Modules that still bind PEFT's original functions by name although the patch is in place."""
+    save_and_load = sys.modules["peft.utils.save_and_load"]
+    found = []
+    for name in (GET, SET):
+        original = getattr(getattr(save_and_load, name), "__wrapped__", None)
+        for module_name, module in list(sys.modules.items()):
+            if original is not None and getattr(module, "__dict__", {}).get(name) is original:
+                found.append(f"{module_name}.{name}")
+    return sorted(found)
+
+
+def _entry_summary(entry: PatchEntry) -> dict:
+    return {"line": entry.line, "versions": range_text(entry), "tested": entry.tested,
+            "transformers": entry.transformers}
+
+
+def doctor_report(deep: bool = False) -> dict:
+    """Versions, the registry entry chosen, and every binding site and hook with its state, as a dict.
+
+    Patches PEFT for the duration of the call when it is not patched already (and unpatches it again).
+    ``deep=True`` imports every PEFT submodule first, so no binding site can hide in a module not yet imported.
+    ``problems`` lists what stops the patch from working; ``notes`` what CI did not test.
+
+    Example:
+        >>> report = doctor_report()
+        >>> report["versions"]["peft"] == str(_patch.installed_peft_version())
+        True
+    """
+    versions = {"python": platform.python_version(), "peft_buffers": __version__}
+    versions.update({name: _installed(name) for name in _PACKAGES})
+    report: dict = {"versions": versions, "entry": None, "tested_release": False, "tested_transformers": False,
+                    "sites": [], "hooks": [], "unpatched": [], "import_failures": [], "problems": [], "notes": []}
+    peft_version = _patch.installed_peft_version()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an untested release is reported below, in notes
+            entry, _ = _patch.select_entry(peft_version)
+    except PeftBuffersError as error:
+        report["problems"].append(str(error))
+        return report
+    report["entry"] = _entry_summary(entry)
+    report["tested_release"] = peft_version == Version(entry.tested)
+    report["tested_transformers"] = versions["transformers"] == entry.transformers
+    if not report["tested_release"]:
+        report["notes"].append(f"CI tests the {entry.line}.x line with peft {entry.tested}, not {peft_version}")
+    if not report["tested_transformers"]:
+        report["notes"].append(f"CI pairs peft {entry.line}.x with transformers {entry.transformers}, "
+                               f"not {versions['transformers']}")
+    if deep:
+        report["import_failures"] = _import_every_peft_module()
+    was_enabled = _patch.is_enabled()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _patch.enable()  # as a user's call would: an untested release is reported in notes
+        status = _patch.patch_status()
+        for site in status["sites"]:
+            name = site["site"].rsplit(".", 1)[-1]
+            report["sites" if name in (GET, SET) else "hooks"].append(site)
+        report["unpatched"] = _still_original()
+        report["transformers_hooks"] = status.get("transformers")
+    except PeftBuffersError as error:
+        report["problems"].append(str(error))
+    finally:
+        if not was_enabled:
+            _patch.disable()
+    for site in report["sites"] + report["hooks"]:
+        if not site["patched"]:
+            report["problems"].append(f"{site['site']} is not patched")
+    for site in report["unpatched"]:
+        report["problems"].append(f"{site} still binds PEFT's original function: add its module to the registry "
+                                  f"entry for peft {entry.line}")
+    return report
+
+
+def _format(report: dict) -> str:
+    lines = ["peft_buffers doctor"]
+    lines += [f"  {name:<13} {value or 'not installed'}" for name, value in report["versions"].items()]
+    entry = report["entry"]
+    if entry is not None:
+        lines.append(f"registry entry: peft {entry['line']}.x ({entry['versions']}); CI tests peft "
+                     f"{entry['tested']} with transformers {entry['transformers']}")
+        yes_no = {True: "yes", False: "no"}
+        lines.append(f"  this exact peft release tested in CI: {yes_no[report['tested_release']]}; "
+                     f"with this transformers: {yes_no[report['tested_transformers']]}")
+    if report["sites"]:
+        lines.append(f"binding sites ({sum(s['patched'] for s in report['sites'])} of {len(report['sites'])} "
+                     f"patched):")
+        lines += [f"  [{'patched' if s['patched'] else 'NOT PATCHED'}] {s['site']}" for s in report["sites"]]
+        lines.append("adapter hooks:")
+        lines += [f"  [{'patched' if s['patched'] else 'NOT PATCHED'}] {s['site']}" for s in report["hooks"]]
+    lines += [f"note: {note}" for note in report["notes"]]
+    lines += [f"PROBLEM: {problem}" for problem in report["problems"]]
+    lines.append("result: " + ("problems found" if report["problems"] else "OK"))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m peft_buffers doctor [--json] [--deep] [--strict]``; returns the exit status.
+
+    Example:
+        >>> main(["--json"])  # doctest: +SKIP
+        0
+    """
+    parser = argparse.ArgumentParser(prog="python -m peft_buffers doctor", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--deep", action="store_true", help="import every PEFT submodule before looking")
+    parser.add_argument("--strict", action="store_true",
+                        help="also fail unless this peft release and transformers are the pair CI tests")
+    parser.add_argument("--support-table", action="store_true",
+                        help="print the table of supported PEFT lines (Markdown) and exit")
+    parser.add_argument("--update-readme", metavar="README", nargs="?", const="README.md",
+                        help="rewrite the support table between the README's markers (default: README.md) and exit")
+    args = parser.parse_args(argv)
+    if args.support_table:
+        print(support_table())
+        return 0
+    if args.update_readme:
+        readme = Path(args.update_readme)
+        readme.write_text(readme_with_table(readme.read_text(encoding="utf-8")), encoding="utf-8")
+        return 0
+    report = doctor_report(deep=args.deep)
+    print(json.dumps(report, indent=2) if args.json else _format(report))
+    failed = bool(report["problems"]) or (args.strict and not (report["tested_release"]
+                                                                and report["tested_transformers"]))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""HF Trainer with a PeftModel: checkpoints carry the extra state, and resuming continues identically.
+
+Guards https://github.com/huggingface/peft/issues/1732 (BatchNorm statistics) and /issues/2099 (direct
+parameters): stock PEFT checkpoints lose both, so a loaded checkpoint or a resumed run computes differently.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from ._tiny import STEM_NORM, images, logits, lora_config, resnet
+
+STEPS, SAVE_EVERY = 6, 2
+STAT = f"base_model.model.{STEM_NORM}.running_mean"
+
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self, n: int = 24):
+        self.x = images(n, seed=7)
+        self.y = torch.arange(n) % 3
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class RecordAtSave(TrainerCallback):
+    """Eval logits and running statistics of the model at every checkpoint, by step."""
+
+    def __init__(self):
+        self.logits, self.stats = {}, {}
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        was_training = model.training
+        self.logits[state.global_step] = logits(model)
+        self.stats[state.global_step] = model.state_dict()[STAT].clone()
+        model.train(was_training)
+
+
+def peft_resnet():
+    model = get_peft_model(resnet(0), lora_config())
+    model.get_submodule(f"base_model.model.{STEM_NORM}").weight.requires_grad_(True)  # a direct parameter
+    return model
+
+
+def run(output_dir, resume_from=None):
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=STEPS, save_steps=SAVE_EVERY, save_strategy="steps",
+        per_device_train_batch_size=4, learning_rate=0.01, use_cpu=True, report_to=[], seed=0,
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, save_only_model=False,
+    )
+    recorder = RecordAtSave()
+    model = peft_resnet()
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset(), callbacks=[recorder])
+    trainer.train(resume_from_checkpoint=resume_from)
+    return model, recorder
+
+
+@pytest.fixture
+def uninterrupted(enabled, tmp_path):
+    return tmp_path / "full", *run(tmp_path / "full")
+
+
+# https://github.com/huggingface/peft/issues/1732 and /issues/2099
+def test_each_checkpoint_loads_as_the_model_of_its_step(uninterrupted):
+    output_dir, _, recorder = uninterrupted
+    assert sorted(recorder.logits) == list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))
+    for step, expected in recorder.logits.items():
+        loaded = PeftModel.from_pretrained(resnet(0), output_dir / f"checkpoint-{step}")
+        assert torch.equal(logits(loaded), expected), f"checkpoint-{step}"
+
+
+# https://github.com/huggingface/peft/issues/1732
+def test_resume_from_checkpoint_continues_identically(uninterrupted, tmp_path):
+    _, full_model, full = uninterrupted
+    assert not torch.equal(full.stats[SAVE_EVERY], full.stats[STEPS])  # statistics move between checkpoints
+    checkpoint = tmp_path / "crashed" / f"checkpoint-{SAVE_EVERY}"  # the run stopped after this checkpoint
+    shutil.copytree(tmp_path / "full" / checkpoint.name, checkpoint)
+
+    resumed_model, resumed = run(tmp_path / "crashed", resume_from=str(checkpoint))
+
+    assert torch.equal(resumed.stats[STEPS], full.stats[STEPS])
+    assert torch.equal(logits(resumed_model), logits(full_model))
+    assert torch.equal(logits(resumed_model), full.logits[STEPS])

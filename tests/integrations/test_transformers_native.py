@@ -1,0 +1,180 @@
+"""transformers-native adapters (``model.add_adapter`` / ``save_pretrained`` / ``load_adapter`` / ``set_adapter``).
+
+transformers 5.x ``load_adapter`` loads through its own weight loader, never through
+``set_peft_model_state_dict``; peft_buffers hooks it (``_registry.TRANSFORMERS_REGISTRY``). transformers 4.x
+loads through ``set_peft_model_state_dict``. The same tests run on both, in their own environments:
+``nox -s transformers_native`` (transformers 5.23.0 and 4.57.6 with PEFT 0.21.2).
+Guards https://github.com/huggingface/peft/issues/1732 (statistics) and /issues/2099 (direct parameters).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import pytest
+import torch
+from packaging.version import Version
+from safetensors.torch import load_file, save_file
+
+from peft_buffers import IncompatibleExtraState
+
+from ._tiny import STEM_NORM, logits, lora_config, resnet, train_steps
+
+TRANSFORMERS = Version(version("transformers"))
+PEFT = Version(version("peft"))
+
+
+def _mixin_refuses_peft() -> str:
+    from transformers.integrations import peft as integration
+
+    minimum = Version(getattr(integration, "MIN_PEFT_VERSION", "0"))
+    return f"transformers {TRANSFORMERS} needs peft >= {minimum} for add_adapter" if PEFT < minimum else ""
+
+
+if _mixin_refuses_peft():  # transformers 5.24 refuses every released PEFT: the nox sessions pin 5.23 / 4.57.6
+    pytest.skip(_mixin_refuses_peft() + "; run `nox -s transformers_native`",
+                allow_module_level=True)
+
+FILE = "adapter_model.safetensors"
+STAT = f"base_model.model.{STEM_NORM}.running_mean"
+DIRECT = f"base_model.model.{STEM_NORM}.weight"
+
+
+def trained_native(seed: int, **config):
+    """Base weights from seed 0, an adapter "a" trained with ``seed``, the stem norm's weight unfrozen."""
+    model = resnet(0)
+    model.add_adapter(lora_config(**config), adapter_name="a")
+    model.get_submodule(STEM_NORM).weight.requires_grad_(True)
+    train_steps(model, seed)
+    return model
+
+
+MODULES_TO_SAVE = {"modules_to_save": ["stages.1.layers.0.shortcut.normalization"]}
+
+
+def save_two_adapters(path, **config):
+    """Adapters "a" and "b" trained on different data from the same base; their reference outputs."""
+    refs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        model = trained_native(seed, **config)
+        model.save_pretrained(path / name)
+        refs[name] = logits(model)
+    refs["base"] = logits(resnet(0))
+    return refs
+
+
+def load_two_adapters(path):
+    model = resnet(0)
+    model.load_adapter(str(path / "a"), adapter_name="a")
+    model.load_adapter(str(path / "b"), adapter_name="b")
+    # transformers 5.23 leaves a modules_to_save wrapper with no active adapter after load_adapter (4.57
+    # keeps "a" active): activate explicitly.
+    model.set_adapter("a")
+    return model
+
+
+# https://github.com/huggingface/peft/issues/1732 and /issues/2099
+def test_load_adapter_gives_the_trained_model(enabled, tmp_path):
+    model = trained_native(seed=1)
+    model.save_pretrained(tmp_path)
+    assert {STAT, DIRECT} <= set(load_file(str(tmp_path / FILE)))
+
+    fresh = resnet(0)
+    fresh.load_adapter(str(tmp_path), adapter_name="a")
+
+    assert torch.equal(logits(fresh), logits(model))
+    assert torch.equal(fresh.get_submodule(STEM_NORM).weight, model.get_submodule(STEM_NORM).weight)
+    assert not fresh.get_submodule(STEM_NORM).weight.requires_grad  # loaded for inference
+
+
+# https://github.com/huggingface/peft/issues/1732 (a BatchNorm in modules_to_save stays PEFT's own)
+def test_each_adapter_keeps_its_own_extra_state(enabled, tmp_path):
+    refs = save_two_adapters(tmp_path, **MODULES_TO_SAVE)
+    model = load_two_adapters(tmp_path)
+
+    assert torch.equal(logits(model), refs["a"])
+    model.set_adapter("b")
+    assert torch.equal(logits(model), refs["b"])
+    model.set_adapter("a")
+    assert torch.equal(logits(model), refs["a"])
+
+
+# https://github.com/huggingface/peft/issues/1732. No modules_to_save here: transformers 5.23's
+# enable_adapters() re-enables LoRA layers but not modules_to_save wrappers (disable_adapters() disables both).
+def test_disable_adapters_computes_with_the_base_models_own_values(enabled, tmp_path):
+    refs = save_two_adapters(tmp_path)
+    model = load_two_adapters(tmp_path)
+
+    model.disable_adapters()
+    assert torch.equal(logits(model), refs["base"])
+    model.enable_adapters()
+    assert torch.equal(logits(model), refs["a"])
+
+
+# https://github.com/huggingface/peft/issues/1732
+def test_saving_an_inactive_adapter_saves_its_own_statistics(enabled, tmp_path):
+    save_two_adapters(tmp_path)
+    model = load_two_adapters(tmp_path)
+
+    saved_b = model.get_adapter_state_dict("b")
+
+    assert torch.equal(saved_b[STAT.removeprefix("base_model.model.")],
+                       load_file(str(tmp_path / "b" / FILE))[STAT])
+
+
+def test_delete_adapter_forgets_its_extra_state(enabled, tmp_path):
+    refs = save_two_adapters(tmp_path)
+    model = load_two_adapters(tmp_path)
+    store = model.__dict__["_peft_buffers_store"]
+    assert "b" in store.owned
+
+    model.delete_adapter("b")
+
+    assert "b" not in store.owned and "b" not in store.stored
+    assert torch.equal(logits(model), refs["a"])
+
+
+def test_a_bad_file_leaves_the_model_untouched(enabled, tmp_path):
+    trained_native(seed=1).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / FILE))
+    tensors[STAT] = torch.zeros(5)  # the model's is (8,)
+    save_file(tensors, str(tmp_path / FILE), metadata={"format": "pt"})
+    model = resnet(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with pytest.raises(IncompatibleExtraState, match=r"running_mean.*shape \(8,\).*shape \(5,\)"):
+        model.load_adapter(str(tmp_path), adapter_name="a")
+
+    assert not getattr(model, "_hf_peft_config_loaded", False)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_stock_file_loads_as_transformers_loads_it(tmp_path):
+    import peft_buffers
+
+    peft_buffers.disable()
+    trained_native(seed=1).save_pretrained(tmp_path)  # written by stock PEFT: no extra state
+    stock = resnet(0)
+    stock.load_adapter(str(tmp_path), adapter_name="a")
+    peft_buffers.enable()
+    try:
+        ours = resnet(0)
+        ours.load_adapter(str(tmp_path), adapter_name="a")
+        assert torch.equal(logits(ours), logits(stock))
+    finally:
+        peft_buffers.disable()
+
+
+# https://github.com/huggingface/peft/issues/1732: a file PeftModel wrote loads into a native model too.
+def test_a_peft_model_file_loads_natively(enabled, tmp_path):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(resnet(0), lora_config())
+    train_steps(peft_model, seed=3)
+    peft_model.save_pretrained(tmp_path)
+
+    native = resnet(0)
+    native.load_adapter(str(tmp_path), adapter_name="default")
+
+    assert torch.equal(logits(native), logits(peft_model))

@@ -1,0 +1,111 @@
+"""``python -m peft_buffers doctor``: versions, the registry entry chosen, and the binding sites it patches.
+
+Runs on every line of the compatibility matrix, so the report is checked against each PEFT release.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+from packaging.version import Version
+
+import peft_buffers
+from peft_buffers import _doctor, _patch
+from peft_buffers._registry import GET, SET, entry_for, readme_with_table, support_table
+
+from ._compat import PEFT_VERSION
+
+ENTRY = entry_for(PEFT_VERSION)
+
+
+@pytest.fixture(autouse=True)
+def _disabled():
+    peft_buffers.disable()
+    yield
+    peft_buffers.disable()
+
+
+def test_report_names_the_installed_line_and_every_site_patched():
+    report = _doctor.doctor_report()
+
+    assert report["versions"]["peft"] == str(PEFT_VERSION)
+    assert report["entry"]["line"] == f"{PEFT_VERSION.major}.{PEFT_VERSION.minor}" == ENTRY.line
+    assert report["tested_release"] is (PEFT_VERSION == Version(ENTRY.tested))
+    expected_sites = {f"{site}.{GET}" for site in ENTRY.get_sites} | {f"{site}.{SET}" for site in ENTRY.set_sites}
+    assert {site["site"] for site in report["sites"]} == expected_sites
+    hooked = {site["site"] for site in report["hooks"]}
+    assert {hook.target.replace(":", ".") for hook in ENTRY.adapter_hooks} <= hooked
+    assert all(site["patched"] for site in report["sites"] + report["hooks"])
+    assert report["problems"] == [] and report["unpatched"] == []
+
+
+def test_report_leaves_the_patch_as_it_found_it():
+    _doctor.doctor_report()
+    assert not peft_buffers.is_enabled()
+    peft_buffers.enable()
+    before = _patch.patch_status()
+    _doctor.doctor_report()
+    assert _patch.patch_status() == before
+
+
+def test_an_unsupported_peft_is_a_problem(monkeypatch, capsys):
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: Version("0.22.0.dev0"))
+    report = _doctor.doctor_report()
+    assert report["entry"] is None and report["sites"] == []
+    assert report["problems"][0].startswith("peft 0.22.0.dev0 is not supported by peft_buffers (supported: "
+                                            ">=0.6.0, <0.22.0)")
+    assert _doctor.main([]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("result: problems found")
+
+
+def test_strict_fails_on_a_release_ci_does_not_test(monkeypatch):
+    newer = Version(f"{PEFT_VERSION.major}.{PEFT_VERSION.minor}.{Version(ENTRY.tested).micro + 1}")
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: newer)
+    report = _doctor.doctor_report()
+    assert report["tested_release"] is False and report["problems"] == []
+    assert f"CI tests the {ENTRY.line}.x line with peft {ENTRY.tested}, not {newer}" in report["notes"]
+    assert _doctor.main([]) == 0
+    assert _doctor.main(["--strict"]) == 1
+
+
+def test_a_module_binding_the_original_function_unlisted_is_found(monkeypatch):
+    from peft.utils import save_and_load
+
+    stray = types.ModuleType("peft.stray_site")
+    stray.get_peft_model_state_dict = save_and_load.get_peft_model_state_dict  # PEFT's original (disabled)
+    monkeypatch.setitem(sys.modules, "peft.stray_site", stray)
+
+    report = _doctor.doctor_report()
+
+    assert report["unpatched"] == [f"peft.stray_site.{GET}"]
+    assert (f"peft.stray_site.{GET} still binds PEFT's original function: add its module to the registry entry "
+            f"for peft {ENTRY.line}") in report["problems"]
+
+
+def test_json_output_is_the_report(capsys):
+    assert _doctor.main(["--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["entry"]["line"] == ENTRY.line
+    assert printed["versions"]["torch"] is not None
+
+
+def test_text_output_says_whether_ci_tests_this_release(capsys):
+    assert _doctor.main([]) == 0
+    out = capsys.readouterr().out
+    tested = "yes" if PEFT_VERSION == Version(ENTRY.tested) else "no"
+    assert f"  this exact peft release tested in CI: {tested};" in out
+    assert f"  [patched] peft.utils.save_and_load.{SET}" in out
+    assert out.rstrip().endswith("result: OK")
+
+
+def test_support_table_and_readme_update(tmp_path, capsys):
+    assert _doctor.main(["--support-table"]) == 0
+    assert capsys.readouterr().out == support_table() + "\n"
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- support-table:start -->\nstale\n<!-- support-table:end -->\nafter\n")
+    assert _doctor.main(["--update-readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text == readme_with_table(text) and "stale" not in text and text.endswith("end -->\nafter\n")

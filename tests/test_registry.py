@@ -1,0 +1,210 @@
+"""The version registry: one entry per PEFT line 0.6 ... 0.21, no gap, no overlap, and true to the installed PEFT.
+
+The tests that read the installed PEFT run on every line of the compatibility matrix (``nox -s compat``), so
+each registry entry is checked against the release it names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.version import Version
+
+import peft_buffers
+from peft_buffers import UnsupportedPeftVersion, _patch
+from peft_buffers._doctor import _import_every_peft_module
+from peft_buffers._registry import (
+    GET,
+    REGISTRY,
+    SET,
+    entry_for,
+    newest_entry,
+    range_text,
+    readme_with_table,
+    support_table,
+    supported_range,
+)
+
+from ._compat import PEFT_VERSION
+
+LINES = [f"0.{minor}" for minor in range(6, 22)]
+INSTALLED_ENTRY = entry_for(PEFT_VERSION)
+
+
+@pytest.fixture(autouse=True)
+def _disabled():
+    peft_buffers.disable()
+    yield
+    peft_buffers.disable()
+
+
+def test_one_entry_per_line_from_0_6_to_0_21():
+    assert [entry.line for entry in REGISTRY] == LINES
+
+
+def _releases(minor: int) -> list[Version]:
+    """Every kind of version a 0.<minor> line can see: releases, post releases, pre-releases of patches."""
+    found = [Version(f"0.{minor}.{patch}") for patch in range(13)]
+    found += [Version(f"0.{minor}.3.post1"), Version(f"0.{minor}.4.dev0"), Version(f"0.{minor}.1rc1")]
+    return found
+
+
+def test_ranges_cover_0_6_0_through_0_21_without_gap_or_overlap():
+    for minor in range(6, 22):
+        for version in _releases(minor):
+            covering = [entry.line for entry in REGISTRY if entry.covers(version)]
+            assert covering == [f"0.{minor}"], version
+    for outside in ("0.5.0", "0.5.9", "0.6.0.dev0", "0.22.0", "0.22.0.dev0", "1.0.0"):
+        assert entry_for(Version(outside)) is None, outside
+
+
+def test_ranges_are_contiguous():
+    bounds = [range_text(entry).split(", ") for entry in REGISTRY]
+    assert supported_range() == f"{bounds[0][0]}, {bounds[-1][1]}" == ">=0.6.0, <0.22.0"
+    for (_, upper), (lower, _) in zip(bounds, bounds[1:]):
+        assert upper.lstrip("<") == lower.lstrip(">=")
+
+
+def test_each_entry_tests_a_release_of_its_own_line():
+    for entry in REGISTRY:
+        assert entry.covers(Version(entry.tested)), entry.line
+        assert entry.tested.startswith(f"{entry.line}."), entry.line
+    assert newest_entry() is REGISTRY[-1]
+
+
+def test_signatures_keep_the_parameters_the_wrappers_bind_by_position():
+    # _patch binds the model, the state dict (second parameter of set) and adapter_name by these names.
+    for entry in REGISTRY:
+        assert entry.get_signature[:3] == ("model", "state_dict", "adapter_name"), entry.line
+        assert entry.set_signature[:3] == ("model", "peft_model_state_dict", "adapter_name"), entry.line
+
+
+# --------------------------------------------------------------------------- the installed PEFT (each line)
+
+
+def test_installed_peft_has_the_entrys_signatures():
+    from peft.utils import save_and_load
+
+    for name, expected in ((GET, INSTALLED_ENTRY.get_signature), (SET, INSTALLED_ENTRY.set_signature)):
+        assert tuple(inspect.signature(getattr(save_and_load, name)).parameters) == expected
+
+
+def test_installed_peft_binds_the_functions_exactly_at_the_entrys_sites():
+    # Import every PEFT submodule, then every module holding PEFT's function objects must be listed.
+    _import_every_peft_module()
+    save_and_load = importlib.import_module("peft.utils.save_and_load")
+    for name, listed in ((GET, INSTALLED_ENTRY.get_sites), (SET, INSTALLED_ENTRY.set_sites)):
+        original = getattr(save_and_load, name)
+        binding = {m for m, module in list(sys.modules.items()) if vars(module).get(name) is original}
+        assert binding == set(listed), name
+
+
+def test_installed_peft_defines_every_hooked_method_on_its_class():
+    for hook in INSTALLED_ENTRY.adapter_hooks:
+        owner, attr = _patch._resolve_target(hook.target)
+        assert attr in owner.__dict__, hook.target
+        if hook.kind == "forward":  # the forwarded method is the tuner's, not the PeftModel's
+            assert hook.method not in owner.__dict__
+
+
+def test_load_result_is_the_entrys_type(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import save_and_load
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(2, 2)), LoraConfig(target_modules=["0"]))
+    result = save_and_load.set_peft_model_state_dict(model, save_and_load.get_peft_model_state_dict(model))
+    assert f"{type(result).__module__}.{type(result).__qualname__}" == INSTALLED_ENTRY.load_result
+
+
+# ------------------------------------------------------------------------------------------ untested versions
+
+
+def _next_patch(version: Version) -> Version:
+    return Version(f"{version.major}.{version.minor}.{version.micro + 1}")
+
+
+def test_a_newer_patch_release_of_a_listed_line_is_used_with_a_warning(monkeypatch):
+    newer = _next_patch(Version(INSTALLED_ENTRY.tested))
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: newer)
+    expected = (f"peft {newer} is newer than {INSTALLED_ENTRY.tested}, the release of the {INSTALLED_ENTRY.line}.x "
+                f"line that peft_buffers was tested with; using that line's patch.")
+    with pytest.warns(UserWarning, match=re.escape(expected)):
+        entry = peft_buffers.enable()
+    assert entry is INSTALLED_ENTRY
+    assert _patch.patch_status()["untested"] is True
+
+
+@pytest.mark.parametrize("outside", ["0.5.0", "0.22.0.dev0", "0.22.0"])
+def test_a_version_outside_every_range_is_refused(monkeypatch, outside):
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: Version(outside))
+    expected = f"peft {outside} is not supported by peft_buffers (supported: >=0.6.0, <0.22.0). "
+    with pytest.raises(UnsupportedPeftVersion, match="^" + re.escape(expected)) as info:
+        peft_buffers.enable()
+    assert info.value.version == outside
+    assert not peft_buffers.is_enabled()
+
+
+def test_allow_untested_uses_the_newest_entry_with_a_warning():
+    expected = ("peft 0.22.0.dev0 is outside every range peft_buffers was tested on; using the entry for 0.21.x "
+                "(tested with 0.21.2) because allow_untested=True.")
+    with pytest.warns(UserWarning, match=re.escape(expected)):
+        entry, untested = _patch.select_entry(Version("0.22.0.dev0"), allow_untested=True)
+    assert (entry, untested) == (newest_entry(), True)
+
+
+def test_the_tested_release_is_used_without_a_warning(recwarn):
+    for entry in REGISTRY:
+        assert _patch.select_entry(Version(entry.tested)) == (entry, False)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+# ------------------------------------------------------------------------------------------------- README
+
+
+def test_readme_support_table_is_generated_from_the_registry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert readme_with_table(readme) == readme, "run `python -m peft_buffers doctor --update-readme`"
+
+
+def test_support_table_lists_every_line_newest_first():
+    rows = support_table().splitlines()[2:]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == LINES[::-1]
+    assert rows[-1] == "| 0.6 | `>=0.6.0, <0.7.0` | 0.6.2 | 4.57.6 | none |"
+
+
+# ------------------------------------------------------------------------------- adapter mechanics per line
+
+
+# https://github.com/huggingface/peft/issues/1732: each adapter keeps its own statistics, also when deleted.
+def test_deleting_the_active_adapter_forgets_its_state_on_every_line(tmp_path):
+    # PeftModel.delete_adapter exists from PEFT 0.16; before, PeftModel.__getattr__ forwards it to the tuner
+    # and PeftModel.active_adapter keeps naming the deleted adapter until set_adapter.
+    from peft import PeftModel, get_peft_model
+
+    from .zoo import ZOO, logits, train, tuner_config
+
+    spec = ZOO["mixed_norms"]
+    x = spec.inputs(seed=99)
+    peft_buffers.enable()
+    expected = {}
+    for name, seed in (("A", 1), ("B", 50)):
+        trained = get_peft_model(spec.make(), tuner_config("lora", spec))
+        train(trained, spec, seed=seed)
+        expected[name] = logits(trained, x)
+        trained.save_pretrained(tmp_path / name, safe_serialization=True)
+    model = PeftModel.from_pretrained(spec.make(), tmp_path / "A", adapter_name="A").eval()
+    model.load_adapter(tmp_path / "B", adapter_name="B")
+    store = model.__dict__["_peft_buffers_store"]
+
+    model.delete_adapter("A")
+    model.set_adapter("B")
+
+    assert set(store.owned) == {"B"} and set(store.stored) - {None} == {"B"}
+    assert torch.equal(logits(model, x), expected["B"])
