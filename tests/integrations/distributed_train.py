@@ -4,7 +4,8 @@ Launched the way users launch, one process per rank, different data per rank:
 
     accelerate launch --multi_gpu --num_processes 2 tests/integrations/distributed_train.py --out DIR
         (on a CPU machine: DDP over gloo; on GPUs add --use_fsdp --fsdp_version 1 for accelerate's FSDP;
-        accelerate 1.15's FSDP2 preparation fails on this model before training, without peft_buffers too)
+        accelerate 1.15's FSDP2 plugin fails in accelerator.prepare on this model: it treats every state-dict
+        entry as a sharded DTensor, and BatchNorm buffers are plain tensors)
     torchrun --nproc_per_node 2 tests/integrations/distributed_train.py --out DIR --fully-shard
         (torch's FSDP2 ``fully_shard``; runs on CPU with gloo)
 

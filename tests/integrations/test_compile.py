@@ -31,8 +31,8 @@ def trained(compile_model: bool):
 def test_compiled_model_saves_the_same_keys_and_values(enabled, tmp_path):
     plain, _ = trained(compile_model=False)
     model, compiled = trained(compile_model=True)
-    plain.save_pretrained(tmp_path / "plain")
-    compiled.save_pretrained(tmp_path / "compiled")
+    plain.save_pretrained(tmp_path / "plain", safe_serialization=True)  # PEFT < 0.7 defaults to .bin
+    compiled.save_pretrained(tmp_path / "compiled", safe_serialization=True)
 
     plain_file = load_file(str(tmp_path / "plain" / FILE))
     compiled_file = load_file(str(tmp_path / "compiled" / FILE))
