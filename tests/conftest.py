@@ -25,6 +25,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(autouse=True)
+def _each_test_starts_and_ends_disabled():
+    """No test sees another test's enable(): the patch is process-global."""
+    import peft_buffers
+
+    peft_buffers.disable()
+    yield
+    peft_buffers.disable()
+
+
 @pytest.fixture
 def enabled():
     """peft_buffers enabled for the test, disabled afterwards whatever happens."""

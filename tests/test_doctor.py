@@ -9,7 +9,6 @@ import json
 import sys
 import types
 
-import pytest
 from packaging.version import Version
 
 import peft_buffers
@@ -19,13 +18,6 @@ from peft_buffers._registry import GET, SET, entry_for, readme_with_table, suppo
 from ._compat import PEFT_VERSION
 
 ENTRY = entry_for(PEFT_VERSION)
-
-
-@pytest.fixture(autouse=True)
-def _disabled():
-    peft_buffers.disable()
-    yield
-    peft_buffers.disable()
 
 
 def test_report_names_the_installed_line_and_every_site_patched():

@@ -31,13 +31,6 @@ def _current_objects():
     return [getattr(m, n) for m, n in _sites()] + [owner.__dict__[attr] for owner, attr in _hooked_methods()]
 
 
-@pytest.fixture(autouse=True)
-def _always_disabled_after():
-    peft_buffers.disable()
-    yield
-    peft_buffers.disable()
-
-
 def test_enable_patches_every_binding_site_and_method():
     originals = _current_objects()
     peft_buffers.enable()

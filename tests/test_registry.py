@@ -37,13 +37,6 @@ LINES = [f"0.{minor}" for minor in range(6, 22)]
 INSTALLED_ENTRY = entry_for(PEFT_VERSION)
 
 
-@pytest.fixture(autouse=True)
-def _disabled():
-    peft_buffers.disable()
-    yield
-    peft_buffers.disable()
-
-
 def test_one_entry_per_line_from_0_6_to_0_21():
     assert [entry.line for entry in REGISTRY] == LINES
 

@@ -245,6 +245,13 @@ def two_adapters(tmp_path):
     peft_buffers.disable()
 
 
+def load_a_and_b(spec, path):
+    """A fresh base with adapter A loaded (active) and adapter B loaded next to it."""
+    model = PeftModel.from_pretrained(spec.make(), path / "A", adapter_name="A").eval()
+    model.load_adapter(path / "B", adapter_name="B")
+    return model
+
+
 def test_each_adapter_keeps_its_own_state(two_adapters):
     spec, x, out, path = two_adapters
     model = PeftModel.from_pretrained(spec.make(), path / "A", adapter_name="A").eval()
@@ -270,8 +277,7 @@ def test_each_adapter_keeps_its_own_state(two_adapters):
 
 def test_delete_adapter_forgets_its_state(two_adapters):
     spec, x, out, path = two_adapters
-    model = PeftModel.from_pretrained(spec.make(), path / "A", adapter_name="A").eval()
-    model.load_adapter(path / "B", adapter_name="B")
+    model = load_a_and_b(spec, path)
     store = model.__dict__["_peft_buffers_store"]
     assert "B" in store.owned
     model.delete_adapter("B")
@@ -289,8 +295,7 @@ def test_disable_adapter_after_training_uses_base_statistics(enabled):
 
 def test_save_of_inactive_adapter_carries_its_own_state(two_adapters, tmp_path):
     spec, x, out, path = two_adapters
-    model = PeftModel.from_pretrained(spec.make(), path / "A", adapter_name="A").eval()
-    model.load_adapter(path / "B", adapter_name="B")
+    model = load_a_and_b(spec, path)
     model.save_pretrained(tmp_path / "both", safe_serialization=True)  # saves A at the root and B under B/
     reloaded = PeftModel.from_pretrained(spec.make(), tmp_path / "both" / "B").eval()
     assert torch.equal(logits(reloaded, x), out["B"])
@@ -441,8 +446,7 @@ def test_deepcopy_gives_an_independent_model(two_adapters):
     import copy
 
     spec, x, out, path = two_adapters
-    model = PeftModel.from_pretrained(spec.make(), path / "A", adapter_name="A").eval()
-    model.load_adapter(path / "B", adapter_name="B")
+    model = load_a_and_b(spec, path)
     clone = copy.deepcopy(model)
     clone.set_adapter("B")
     assert torch.equal(logits(clone, x), out["B"])
@@ -463,8 +467,7 @@ def test_deepcopy_before_training_keeps_the_copys_base_statistics(enabled):
 
 def test_whole_model_pickling_round_trips(two_adapters, tmp_path):
     spec, x, out, path = two_adapters
-    model = PeftModel.from_pretrained(spec.make(), path / "A", adapter_name="A").eval()
-    model.load_adapter(path / "B", adapter_name="B")
+    model = load_a_and_b(spec, path)
     torch.save(model, tmp_path / "model.pt")
     restored = torch.load(tmp_path / "model.pt", weights_only=False)
     restored.set_adapter("B")
