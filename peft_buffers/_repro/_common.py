@@ -65,6 +65,20 @@ def display_name(key: str, base_prefix: str) -> str:
     return _BASE_LAYER.sub("", key).lstrip(".")
 
 
+def _state_dict_tensors(module: nn.Module):
+    """``(is_parameter, attr, tensor)`` for each tensor ``module`` itself puts in the state dict.
+
+    Non-persistent buffers are left out: the model rebuilds them itself (e.g. rotary ``inv_freq``).
+    """
+    for is_parameter, table in ((True, module._parameters), (False, module._buffers)):
+        for attr, tensor in table.items():
+            if tensor is None:
+                continue
+            if not is_parameter and attr in getattr(module, "_non_persistent_buffers_set", ()):
+                continue
+            yield is_parameter, attr, tensor
+
+
 def base_tensors(root: nn.Module, view: ModelView | None = None) -> dict[str, TensorEntry]:
     """Every parameter and buffer of the base model, by root state-dict key (a shared tensor once).
 
@@ -76,15 +90,12 @@ def base_tensors(root: nn.Module, view: ModelView | None = None) -> dict[str, Te
     entries: dict[str, TensorEntry] = {}
     seen: set[int] = set()
     for prefix, module in view.modules():
-        for is_parameter, table in ((True, module._parameters), (False, module._buffers)):
-            for attr, tensor in table.items():
-                if tensor is None or id(tensor) in seen:
-                    continue
-                if not is_parameter and attr in getattr(module, "_non_persistent_buffers_set", ()):
-                    continue  # not in the state dict: rebuilt by the model itself (e.g. rotary inv_freq)
-                seen.add(id(tensor))
-                key = f"{prefix}{attr}"
-                entries[key] = TensorEntry(key, display_name(key, view.base_prefix), module, attr, is_parameter)
+        for is_parameter, attr, tensor in _state_dict_tensors(module):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            key = f"{prefix}{attr}"
+            entries[key] = TensorEntry(key, display_name(key, view.base_prefix), module, attr, is_parameter)
     return entries
 
 
@@ -100,15 +111,12 @@ def adapter_tensors(root: nn.Module, base: dict[str, TensorEntry]) -> dict[str, 
     prefix = pv.model_view(root).base_prefix
     entries: dict[str, TensorEntry] = {}
     for module_name, module in root.named_modules():
-        for is_parameter, table in ((True, module._parameters), (False, module._buffers)):
-            for attr, tensor in table.items():
-                if tensor is None or id(tensor) in base_ids:
-                    continue
-                if not is_parameter and attr in getattr(module, "_non_persistent_buffers_set", ()):
-                    continue
-                base_ids.add(id(tensor))
-                key = f"{module_name}.{attr}" if module_name else attr
-                entries[key] = TensorEntry(key, display_name(key, prefix), module, attr, is_parameter)
+        for is_parameter, attr, tensor in _state_dict_tensors(module):
+            if id(tensor) in base_ids:
+                continue
+            base_ids.add(id(tensor))
+            key = f"{module_name}.{attr}" if module_name else attr
+            entries[key] = TensorEntry(key, display_name(key, prefix), module, attr, is_parameter)
     return entries
 
 
