@@ -147,8 +147,8 @@ def settle(root: nn.Module, store: ExtraStateStore, peft_saved_keys: Callable, f
 
     def peft_keys(candidates: dict) -> set:
         # PEFT names tensors by their live keys; the store by base keys.
-        by_live = {found.get(key).saved_key: key for key in candidates}
-        own = peft_saved_keys(root, live, {found.get(k).saved_key: t for k, t in candidates.items()})
+        by_live = {found.get(key).live_key: key for key in candidates}
+        own = peft_saved_keys(root, live, {found.get(k).live_key: t for k, t in candidates.items()})
         return {by_live[k] for k in own if k in by_live}
 
     store.settle(found, peft_keys)

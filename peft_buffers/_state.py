@@ -14,7 +14,10 @@ Every tensor has two names:
 * its **live key**, the name it has in the root model's ``state_dict()`` now (with ``base_layer.`` where a tuner
   layer wraps its module, ``original_module.`` inside a ``modules_to_save`` wrapper);
 * its **base key**, the name it has in the base model without any adapter (those segments left out). Other
-  adapters add and remove wrappers; the base key stays, so the per-adapter store is keyed by it.
+  adapters add and remove wrappers; the base key stays, so the per-adapter store is keyed by it;
+* its **saved key**, the name an adapter file gives it: the live key without ``original_module.`` (a
+  ``modules_to_save`` wrapper another adapter added is not part of the base model's names), keeping
+  ``base_layer.`` as PEFT's own keys do, so stock PEFT loads the file for a single adapter.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class TensorPlace:
     name: str
     is_parameter: bool
     live_key: str = ""
+    saved_as: str = ""
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -93,7 +97,7 @@ class TensorPlace:
 
     @property
     def saved_key(self) -> str:
-        return self.live_key or self.key
+        return self.saved_as or self.live_key or self.key
 
 
 def is_running_stat(place: TensorPlace) -> bool:
@@ -139,34 +143,33 @@ class ModelView:
             return self.owned_children
         return None
 
-    def modules(self) -> list[tuple[str, str, nn.Module]]:
-        """``(live prefix, base prefix, module)`` for every base-model module, in order, each once."""
-        found: list[tuple[str, str, nn.Module]] = []
+    def modules(self) -> list[tuple[str, str, str, nn.Module]]:
+        """``(live prefix, saved prefix, base prefix, module)`` for every base-model module, in order, each once."""
+        found: list[tuple[str, str, str, nn.Module]] = []
         seen: set[int] = set()
         owned, partial = self.owned_types, self.partial_types
         partial_children, owned_children = self.partial_children, self.owned_children
 
-        def visit(live: str, canon: str, module: nn.Module) -> None:
+        def visit(live: str, saved: str, canon: str, module: nn.Module) -> None:
             if id(module) in seen:
                 return
             seen.add(id(module))
             is_owned = isinstance(module, owned)
             if not is_owned:  # an owned wrapper's own tensors are PEFT's
-                found.append((live, canon, module))
+                found.append((live, saved, canon, module))
             allowed = owned_children if is_owned else partial_children if isinstance(module, partial) else None
             for name, child in module._modules.items():
                 if child is None:
                     continue
                 if allowed is not None:
-                    if name not in allowed:
-                        continue
-                    visit(f"{live}{name}.", canon, child)
+                    if name in allowed:
+                        visit(f"{live}{name}.", saved if is_owned else f"{saved}{name}.", canon, child)
                 elif name in _TRANSPARENT_SEGMENTS:
-                    visit(live, canon, child)
+                    visit(live, saved, canon, child)
                 else:
-                    visit(f"{live}{name}.", f"{canon}{name}.", child)
+                    visit(f"{live}{name}.", f"{saved}{name}.", f"{canon}{name}.", child)
 
-        visit(self.base_prefix, self.base_prefix, self.base)
+        visit(self.base_prefix, self.base_prefix, self.base_prefix, self.base)
         return found
 
 
@@ -199,20 +202,20 @@ def find_base_tensors(view: ModelView) -> BaseTensors:
     parameters: dict[str, TensorPlace] = {}
     ordered: dict[str, TensorPlace] = {}
     seen: set[int] = set()
-    for live, canon, module in view.modules():
+    for live, saved, canon, module in view.modules():
         for name, param in module._parameters.items():
             if param is None or id(param) in seen:
                 continue
             seen.add(id(param))
-            parameters[canon + name] = ordered[canon + name] = TensorPlace(canon + name, module, name, True,
-                                                                           live + name)
+            place = TensorPlace(canon + name, module, name, True, live + name, saved + name)
+            parameters[place.key] = ordered[place.key] = place
         skip = module._non_persistent_buffers_set
         for name, buf in module._buffers.items():
             if buf is None or name in skip or not _is_real(buf) or id(buf) in seen:
                 continue
             seen.add(id(buf))
-            buffers[canon + name] = ordered[canon + name] = TensorPlace(canon + name, module, name, False,
-                                                                        live + name)
+            place = TensorPlace(canon + name, module, name, False, live + name, saved + name)
+            buffers[place.key] = ordered[place.key] = place
     return BaseTensors(buffers, parameters, ordered)
 
 

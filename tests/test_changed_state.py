@@ -250,3 +250,42 @@ def test_enable_after_creation_falls_back_to_all_statistics_and_says_so(tmp_path
     with pytest.warns(UserWarning, match="first time at save"):
         model.save_pretrained(tmp_path)
     assert same_output(reload("features", tmp_path), model, "features")
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return LlamaForCausalLM(config)
+
+
+def _tiny_convnext():
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(0)
+    config = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3,
+                            layer_scale_init_value=1e-2)
+    return ConvNextForImageClassification(config)
+
+
+@pytest.mark.parametrize("make, targets, batch", [
+    (_tiny_llama, ["q_proj", "v_proj"], lambda: {"input_ids": torch.randint(0, 64, (2, 8)),
+                                                 "labels": torch.randint(0, 64, (2, 8))}),
+    (_tiny_convnext, ["pwconv1", "pwconv2"], lambda: {"pixel_values": torch.randn(2, 3, 32, 32),
+                                          "labels": torch.tensor([0, 1])}),
+], ids=["llama", "convnext"])
+def test_llm_and_convnext_files_are_byte_identical_to_stock(enabled, tmp_path, make, targets, batch):
+    # Rule 4: nothing but what PEFT saves changed, so the file is stock PEFT's, byte for byte.
+    model = get_peft_model(make(), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(2):
+        model(**batch()).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(tmp_path / "ours")
+    peft_buffers.disable()
+    model.save_pretrained(tmp_path / "stock")
+    assert (tmp_path / "ours" / ADAPTER_FILE).read_bytes() == (tmp_path / "stock" / ADAPTER_FILE).read_bytes()
