@@ -132,3 +132,44 @@ def test_readme_example_fails_without_peft_buffers(tmp_path, monkeypatch, offlin
     with pytest.raises(AssertionError):
         exec(compile(example.code, example.id, "exec"), {"__name__": "__main__"})
     assert not peft_buffers.is_enabled()
+
+
+LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+
+
+def _prose(text: str) -> str:
+    """``text`` without its fenced blocks (links inside code are not links)."""
+    kept, fence = [], None
+    for line in text.splitlines():
+        match = FENCE.match(line)
+        if fence is None and match:
+            fence = match["fence"]
+        elif fence is not None and match and match["fence"][0] == fence[0] and len(match["fence"]) >= len(fence) \
+                and not match["info"].strip():
+            fence = None
+        elif fence is None:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors for the headings of ``text``: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", _prose(text), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=[str(d.relative_to(ROOT)) for d in DOCUMENTS])
+def test_relative_links_resolve(document):
+    # The README links the docs/ pages and they link each other: a moved or renamed page must not leave a dead link.
+    dead = []
+    for match in LINK.finditer(_prose(document.read_text("utf-8"))):
+        target = match["target"]
+        if re.match(r"^[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path).resolve() if path else document
+        if not linked.exists():
+            dead.append(f"{target}: no file {linked.relative_to(ROOT) if linked.is_relative_to(ROOT) else linked}")
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked.read_text("utf-8")):
+            dead.append(f"{target}: no heading with anchor #{anchor} in {linked.relative_to(ROOT)}")
+    assert not dead, f"{document.relative_to(ROOT)} has dead links:\n" + "\n".join(dead)
