@@ -95,4 +95,4 @@ def test_inspect_has_a_changed_buffers_group(enabled, tmp_path):
     summary = inspect_adapter(tmp_path)
     assert {i.key for i in summary.buffers} == {f"{PREFIX}{k}" for k in (
         "conv.parametrizations.weight.0._u", "conv.parametrizations.weight.0._v", "old.weight_u", "old.weight_v")}
-    assert "  changed buffers          4 tensors" in summary.render()
+    assert "  changed buffers           4 tensors            180 bytes" in summary.render()
