@@ -70,19 +70,37 @@ def _is_real(tensor: object) -> bool:
     return isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.parameter.UninitializedTensorMixin)
 
 
-@dataclass(frozen=True)
 class TensorPlace:
     """Where a tensor of the base model lives: ``module._buffers[name]`` or ``module._parameters[name]``.
 
-    ``key`` is the base key (stable while adapters add wrappers), ``live_key`` the state-dict name now.
+    ``key`` is the base key (stable while adapters add wrappers), ``live_key`` the state-dict name now,
+    ``saved_key`` the name an adapter file gives it. A plain slotted class: the walk makes one per tensor
+    at every save and switch, so construction must be cheap.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2)
+        >>> TensorPlace("bn.running_mean", bn, "running_mean", False).kind
+        'running statistic'
     """
 
-    key: str
-    module: nn.Module
-    name: str
-    is_parameter: bool
-    live_key: str = ""
-    saved_as: str = ""
+    __slots__ = ("key", "module", "name", "is_parameter", "live_key", "saved_as")
+
+    def __init__(self, key: str, module: nn.Module, name: str, is_parameter: bool, live_key: str = "",
+                 saved_as: str = ""):
+        self.key, self.module, self.name, self.is_parameter = key, module, name, is_parameter
+        self.live_key, self.saved_as = live_key, saved_as
+
+    def __repr__(self) -> str:
+        return f"TensorPlace({self.key!r}, {type(self.module).__name__}, {self.name!r}, {self.is_parameter})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorPlace):
+            return NotImplemented
+        return (self.key, self.module, self.name, self.is_parameter) == (
+            other.key, other.module, other.name, other.is_parameter)
+
+    def __hash__(self) -> int:
+        return hash((self.key, id(self.module), self.name))
 
     @property
     def tensor(self) -> torch.Tensor:

@@ -35,7 +35,8 @@ __all__ = ["ExtraStateStore", "install_optimizer_hook", "remove_optimizer_hook",
 def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
     """For each ``(a, b)``: True when both hold exactly the same bits (NaN == NaN; shape and dtype must match).
 
-    Tensors on one device are compared with one concatenation and one host sync, not one per tensor.
+    On the CPU each pair is compared directly; on an accelerator all pairs of one device are compared with
+    one concatenation and one host sync, not one sync per tensor.
 
     Example:
         >>> same_bytes([(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("nan")])),
@@ -49,29 +50,41 @@ def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
             continue
         if a.numel() == 0:
             result[i] = True
-            continue
-        groups.setdefault(a.device, []).append(i)
-    for indices in groups.values():
-        if len(indices) == 1:
-            a, b = pairs[indices[0]]
-            result[indices[0]] = bool(torch.equal(_as_bytes(a), _as_bytes(b)))
-            continue
+        elif a.device.type == "cpu":
+            result[i] = bool(torch.equal(_as_bytes(a), _as_bytes(b)))
+        else:
+            groups.setdefault(a.device, []).append(i)
+    for device, indices in groups.items():
         lefts = [_as_bytes(pairs[i][0]) for i in indices]
-        rights = [_as_bytes(pairs[i][1]) for i in indices]
-        differs = torch.cat(lefts) != torch.cat(rights)
-        last = torch.tensor([t.numel() for t in lefts], device=differs.device).cumsum(0) - 1
-        running = differs.to(torch.int64).cumsum(0)[last]  # differing bytes up to each tensor's end
-        per_tensor = torch.diff(running, prepend=running.new_zeros(1))
-        for i, n in zip(indices, per_tensor.tolist()):
+        sizes = tuple(t.numel() for t in lefts)
+        differs = (torch.cat(lefts) != torch.cat([_as_bytes(pairs[i][1]) for i in indices])).to(torch.int32)
+        counts = torch.zeros(len(indices), dtype=torch.int32, device=device)
+        counts.index_add_(0, _segment_ids(device, sizes), differs)
+        for i, n in zip(indices, counts.tolist()):
             result[i] = n == 0
     return result
 
 
+_SEGMENTS: Dict[tuple, torch.Tensor] = {}
+
+
+def _segment_ids(device: torch.device, sizes: tuple[int, ...]) -> torch.Tensor:
+    """``[0]*sizes[0] + [1]*sizes[1] + ...`` on ``device``, kept for the next call with the same layout."""
+    key = (device, sizes)
+    ids = _SEGMENTS.get(key)
+    if ids is None:
+        if len(_SEGMENTS) > 8:
+            _SEGMENTS.clear()
+        counts = torch.tensor(sizes, device=device)
+        ids = _SEGMENTS[key] = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+    return ids
+
+
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    return flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+    # A flat uint8 view (one view op when contiguous): bitwise, so NaN == NaN and -0.0 != 0.0.
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return tensor.view(-1).view(torch.uint8)
 
 
 class ExtraStateStore:

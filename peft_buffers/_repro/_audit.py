@@ -89,7 +89,8 @@ class AuditReport:
         fail when no trainable adapter tensor changed at all.
 
         Allowed to change: buffers that peft_buffers saves (BatchNorm statistics, spectral-norm vectors,
-        observers and router biases move whenever a model trains), tensors PEFT saves itself, and names matching a pattern in ``allow`` (``fnmatch``
+        observers and router biases move whenever a model trains), tensors PEFT saves itself, and names
+        matching a pattern in ``allow`` (``fnmatch``
         patterns on the names shown in the report, e.g. ``"vit.embeddings.*"`` for parameters you meant to
         train). A changed base *parameter* is an offender even when peft_buffers saves it: it was trainable.
 
