@@ -21,7 +21,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from tests.zoo import logits
+
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "model-zoo.md"
+EVAL_SEED = 99  # the batch every comparison of outputs uses
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,23 @@ def train(model: nn.Module, row: VisionModel, seed: int = 1, entry: Optional[str
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
+
+
+def outputs(model, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode logits without autograd.
+
+    With autograd on, an unfrozen parameter keeps torch's MultiheadAttention off its fast path in the trained
+    model only: a 1e-8 difference that is no state of the model.
+    """
+    with torch.no_grad():
+        return logits(model.eval(), x)
+
+
+def bitwise(actual: torch.Tensor, expected: torch.Tensor) -> tuple[bool, str]:
+    """Whether the two are bitwise equal, and the largest difference (for the assertion message)."""
+    if actual.shape != expected.shape:
+        return False, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    return torch.equal(actual, expected), f"max |Δ| = {(actual.double() - expected.double()).abs().max().item():.3e}"
 
 
 if __name__ == "__main__":

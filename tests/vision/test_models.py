@@ -21,13 +21,11 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import peft_buffers  # noqa: E402
-from tests.zoo import logits  # noqa: E402
 
-from .models import MODELS, VisionModel, train, unfreeze  # noqa: E402
+from .models import EVAL_SEED, MODELS, VisionModel, bitwise, outputs, train, unfreeze  # noqa: E402
 
 ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-EVAL_SEED = 99
 ROWS = [pytest.param(row, id=row.name) for row in MODELS]
 
 
@@ -86,19 +84,6 @@ def trained(tmp_path_factory):
     return get
 
 
-def outputs(model, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode outputs without autograd: an unfrozen parameter would otherwise keep torch's MultiheadAttention
-    off its fast path in the trained model only (a 1e-8 difference that is not state)."""
-    with torch.no_grad():
-        return logits(model.eval(), x)
-
-
-def _bitwise(actual: torch.Tensor, expected: torch.Tensor) -> tuple[bool, str]:
-    if actual.shape != expected.shape:
-        return False, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    return torch.equal(actual, expected), f"max |Δ| = {(actual.double() - expected.double()).abs().max().item():.3e}"
-
-
 def _base_name(key: str) -> str:
     """A PeftModel state-dict key as the base model names it (no PEFT prefix, no LoRA ``base_layer.``)."""
     return key[len(PREFIX):].replace(".base_layer.", ".") if key.startswith(PREFIX) else key
@@ -111,7 +96,7 @@ def test_reload_is_bitwise_equal(enabled, trained, row):
 
     loaded = PeftModel.from_pretrained(row.build(), run.ours)
 
-    equal, detail = _bitwise(outputs(loaded, row.inputs(EVAL_SEED)), run.expected)
+    equal, detail = bitwise(outputs(loaded, row.inputs(EVAL_SEED)), run.expected)
     assert equal, detail
 
 
@@ -122,7 +107,7 @@ def test_stock_peft_reload_differs(stock, trained, row):
 
     loaded = PeftModel.from_pretrained(row.build(), run.stock)
 
-    equal, _ = _bitwise(outputs(loaded, row.inputs(EVAL_SEED)), run.expected)
+    equal, _ = bitwise(outputs(loaded, row.inputs(EVAL_SEED)), run.expected)
     assert not equal, "stock PEFT reproduced the trained model: this row does not show the problem"
 
 

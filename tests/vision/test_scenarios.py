@@ -21,8 +21,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 
 import peft_buffers  # noqa: E402
 
-from .models import find_row, train, unfreeze  # noqa: E402
-from .test_models import EVAL_SEED, _bitwise, outputs  # noqa: E402
+from .models import EVAL_SEED, bitwise, find_row, outputs, train, unfreeze  # noqa: E402
 
 ENTRIES = ["forward", "forward_features"]
 SEQUENTIAL_ROW = find_row("timm/resnet18")
@@ -67,8 +66,8 @@ def two_adapters(tmp_path_factory):
     return get
 
 
-def _assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    equal, detail = _bitwise(actual, expected)
+def _assertbitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    equal, detail = bitwise(actual, expected)
     assert equal, f"{what}: {detail}"
 
 
@@ -79,9 +78,9 @@ def test_set_adapter_switches_between_adapters_trained_one_after_the_other(enabl
     assert not torch.equal(run.first, run.second)
 
     run.model.set_adapter("first")
-    _assert_bitwise(outputs(run.model, x), run.first, "set_adapter('first')")
+    _assertbitwise(outputs(run.model, x), run.first, "set_adapter('first')")
     run.model.set_adapter("second")
-    _assert_bitwise(outputs(run.model, x), run.second, "set_adapter('second')")
+    _assertbitwise(outputs(run.model, x), run.second, "set_adapter('second')")
 
 
 # issue 9: "adapter 'first''s file holds adapter 'second''s statistics"
@@ -92,7 +91,7 @@ def test_each_adapter_reloads_alone(enabled, two_adapters, entry, adapter):
 
     loaded = PeftModel.from_pretrained(SEQUENTIAL_ROW.build(), run.directory / adapter, adapter_name=adapter)
 
-    _assert_bitwise(outputs(loaded, SEQUENTIAL_ROW.inputs(EVAL_SEED)), getattr(run, adapter), f"reloaded {adapter!r}")
+    _assertbitwise(outputs(loaded, SEQUENTIAL_ROW.inputs(EVAL_SEED)), getattr(run, adapter), f"reloaded {adapter!r}")
 
 
 # issue 9, rule 5: both files loaded into one model, set_adapter gives each adapter's outputs
@@ -103,11 +102,11 @@ def test_both_adapters_reload_into_one_model_and_switch(enabled, two_adapters, e
     loaded = PeftModel.from_pretrained(SEQUENTIAL_ROW.build(), run.directory / "first", adapter_name="first")
     loaded.load_adapter(run.directory / "second", adapter_name="second")
 
-    _assert_bitwise(outputs(loaded, x), run.first, "'first' active after load_adapter('second')")
+    _assertbitwise(outputs(loaded, x), run.first, "'first' active after load_adapter('second')")
     loaded.set_adapter("second")
-    _assert_bitwise(outputs(loaded, x), run.second, "set_adapter('second')")
+    _assertbitwise(outputs(loaded, x), run.second, "set_adapter('second')")
     loaded.set_adapter("first")
-    _assert_bitwise(outputs(loaded, x), run.first, "set_adapter('first') again")
+    _assertbitwise(outputs(loaded, x), run.first, "set_adapter('first') again")
 
 
 # The same two-adapter run saved and loaded by stock PEFT: the first adapter's reload is another model.
@@ -116,7 +115,7 @@ def test_stock_peft_loses_the_first_adapters_state(stock, tmp_path):
 
     loaded = PeftModel.from_pretrained(SEQUENTIAL_ROW.build(), run.directory / "first", adapter_name="first")
 
-    assert not _bitwise(outputs(loaded, SEQUENTIAL_ROW.inputs(EVAL_SEED)), run.first)[0]
+    assert not bitwise(outputs(loaded, SEQUENTIAL_ROW.inputs(EVAL_SEED)), run.first)[0]
 
 
 DISABLE_ROWS = [pytest.param(find_row(name), id=name) for name in ("timm/efficientnet_b0", "timm/vit_tiny_patch16_224")]
@@ -138,7 +137,7 @@ def test_disable_adapter_computes_with_the_base_model(enabled, row, entry):
     assert not torch.equal(outputs(model, x), base)  # training changed the model
 
     with model.disable_adapter():
-        _assert_bitwise(outputs(model, x), base, "disable_adapter()")
+        _assertbitwise(outputs(model, x), base, "disable_adapter()")
 
 
 # Stock PEFT: disable_adapter() still computes with the trained statistics and parameters.
@@ -147,4 +146,4 @@ def test_stock_peft_disable_adapter_is_not_the_base_model(stock, row):
     model, x = _trained_single(row, "forward"), row.inputs(EVAL_SEED)
 
     with model.disable_adapter():
-        assert not _bitwise(outputs(model, x), outputs(row.build(), x))[0]
+        assert not bitwise(outputs(model, x), outputs(row.build(), x))[0]
