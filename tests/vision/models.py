@@ -350,9 +350,18 @@ def run_entry(model: nn.Module, entry: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"training entry {entry!r}: expected 'forward' or 'forward_features'")
 
 
-def train(model: nn.Module, row: VisionModel, seed: int = 1, entry: Optional[str] = None) -> None:
-    """``row.training.steps`` SGD steps in train mode on shifted seeded batches (statistics move visibly)."""
+def train(
+    model: nn.Module, row: VisionModel, seed: int = 1, entry: Optional[str] = None, norms_in_eval: bool = False
+) -> None:
+    """``row.training.steps`` SGD steps in train mode on shifted seeded batches (statistics move visibly).
+
+    ``norms_in_eval``: BatchNorm layers stay in eval mode (frozen statistics), as detection fine-tuning does.
+    """
     model.train()
+    if norms_in_eval:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=row.training.lr)
     for step in range(row.training.steps):
         x = row.inputs(seed=seed + step) * 2 + 0.5

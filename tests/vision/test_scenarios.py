@@ -18,6 +18,7 @@ require_vision_stack()
 
 import torch  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 import peft_buffers  # noqa: E402
 
@@ -147,3 +148,21 @@ def test_stock_peft_disable_adapter_is_not_the_base_model(stock, row):
 
     with model.disable_adapter():
         assert not bitwise(outputs(model, x), outputs(row.build(), x))[0]
+
+
+# issue 9, rule 4: a base model that training left unchanged adds nothing: the file is stock PEFT's, byte for byte
+@pytest.mark.parametrize("name, norms_in_eval", [
+    pytest.param("timm/convnext_atto", False, id="convnext_atto (LayerNorm only, nothing unfrozen)"),
+    pytest.param("timm/resnet18", True, id="resnet18 with BatchNorm frozen in eval mode"),
+])
+def test_unchanged_base_model_gives_stock_bytes(enabled, tmp_path, name, norms_in_eval):
+    row = find_row(name)
+    model = get_peft_model(row.build(), row.lora_config())
+    train(model, row, norms_in_eval=norms_in_eval)
+    model.save_pretrained(tmp_path / "ours")
+    peft_buffers.disable()
+    model.save_pretrained(tmp_path / "stock")
+
+    ours, stock = (tmp_path / kind / "adapter_model.safetensors" for kind in ("ours", "stock"))
+    extra = sorted(set(load_file(str(ours))) - set(load_file(str(stock))))
+    assert ours.read_bytes() == stock.read_bytes(), f"not stock PEFT's file; {len(extra)} extra keys: {extra[:4]}"
