@@ -47,7 +47,13 @@ OBSERVER_RANGE = StateKind("observer `min_val`/`max_val`", r"activation_post_pro
 
 
 def trained_parameters(*patterns: str) -> StateKind:
-    """The kind for unfrozen base parameters (fnmatch ``patterns`` over the base model's parameter names)."""
+    """The kind for unfrozen base parameters (fnmatch ``patterns`` over the base model's parameter names).
+
+    Example:
+        >>> kind = trained_parameters("stages.*.gamma")
+        >>> kind.matches("stages.0.blocks.1.gamma"), kind.matches("stages.0.blocks.1.norm.weight")
+        (True, False)
+    """
     regex = "|".join(fnmatch.translate(pattern).replace(r"\Z", "$") for pattern in patterns)
     names = ", ".join(f"`{pattern}`" for pattern in patterns)
     return StateKind(f"trained parameters {names}", rf"^(?:{regex})")
@@ -383,7 +389,12 @@ def outputs(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def bitwise(actual: torch.Tensor, expected: torch.Tensor) -> tuple[bool, str]:
-    """Whether the two are bitwise equal, and the largest difference (for the assertion message)."""
+    """Whether the two are bitwise equal, and the largest difference (for the assertion message).
+
+    Example:
+        >>> bitwise(torch.zeros(2), torch.tensor([0.0, 1e-8]))
+        (False, 'max |Δ| = 1.000e-08')
+    """
     if actual.shape != expected.shape:
         return False, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     return torch.equal(actual, expected), f"max |Δ| = {(actual.double() - expected.double()).abs().max().item():.3e}"
