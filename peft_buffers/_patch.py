@@ -271,7 +271,7 @@ def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
             return original(*args, **kwargs)  # a stock PEFT file: exactly stock behaviour
         bound.arguments[sd_param] = plan.passthrough
         result = original(*bound.args, **bound.kwargs)
-        store = pv.ensure_store(root)
+        store = pv.ensure_store(root, late=True)  # not seen at attach: base values unknown
         pv.settle(root, store, peft_saved_keys)  # what the live adapter changed so far stays its own
         config = root.peft_config[adapter_name] if hasattr(root, "peft_config") else None
         trainable = not getattr(config, "inference_mode", True)
