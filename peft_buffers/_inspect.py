@@ -7,6 +7,7 @@ parameters (or base tensors PEFT saved itself, e.g. biases with ``bias="all"``: 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +16,9 @@ from typing import Optional, TextIO
 
 from ._state import RUNNING_STAT_NAMES
 
-__all__ = ["AdapterFileSummary", "inspect_adapter", "main"]
+__all__ = ["HELP", "AdapterFileSummary", "add_arguments", "inspect_adapter", "run"]
+
+HELP = "list what adapter file(s) carry, with bytes"
 
 _TUNER_PREFIXES = ("lora_", "hada_", "lokr_", "ia3_", "oft_", "boft_", "vera_", "fourierft_", "ln_tuning_",
                    "vblora_", "hra_", "bone_", "randlora_", "shira_", "c3a_", "road_", "miss_", "waveft_")
@@ -48,18 +51,26 @@ class AdapterFileSummary:
         stats = [i for infos in self.running_stats.values() for i in infos]
         lines = [
             f"{self.path}: {self.file_bytes:,} bytes on disk",
-            f"  adapter tensors      {len(self.adapter):6d} tensors {total(self.adapter):14,d} bytes",
-            f"  running statistics   {len(stats):6d} tensors {total(stats):14,d} bytes "
-            f"in {len(self.running_stats)} modules",
+            f"  adapter tensors      {_tensors(self.adapter)} {total(self.adapter):14,d} bytes",
+            f"  running statistics   {_tensors(stats)} {total(stats):14,d} bytes "
+            f"in {_plural(len(self.running_stats), 'module')}",
         ]
         for module, infos in sorted(self.running_stats.items()):
             present = {i.key.rsplit(".", 1)[1] for i in infos}
             names = ", ".join(n for n in RUNNING_STAT_NAMES if n in present)
             lines.append(f"    {module}  [{names}]  {total(infos):,} bytes")
-        lines.append(f"  direct parameters    {len(self.direct):6d} tensors {total(self.direct):14,d} bytes")
+        lines.append(f"  direct parameters    {_tensors(self.direct)} {total(self.direct):14,d} bytes")
         for info in self.direct:
             lines.append(f"    {info.key}  {list(info.shape)} {info.dtype}  {info.nbytes:,} bytes")
         return "\n".join(lines)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _tensors(infos: list[TensorInfo]) -> str:
+    return f"{len(infos):6d} {'tensor ' if len(infos) == 1 else 'tensors'}"
 
 
 def _read_tensor_infos(path: Path) -> list[TensorInfo]:
@@ -108,6 +119,8 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
         (['bn'], ['base_model.model.fc.lora_A.weight'])
     """
     path = Path(directory)
+    if not path.exists():
+        raise FileNotFoundError("no such file or directory")
     if path.is_dir():
         candidates = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
         found = next((c for c in candidates if c.is_file()), None)
@@ -139,11 +152,30 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
     return summary
 
 
-def main(argv: list[str], out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
-    """Print the summary of each adapter directory; exit status 1 if any cannot be read."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``DIR [DIR ...]``: adapter directories (or adapter files).
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser)
+        >>> parser.parse_args(["a", "b"]).dirs
+        ['a', 'b']
+    """
+    parser.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="an adapter directory (adapter_model.safetensors or .bin inside) or the file itself")
+
+
+def run(args: argparse.Namespace, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    """Print the summary of each adapter directory; exit status 1 if any cannot be read.
+
+    Example:
+        >>> run(argparse.Namespace(dirs=["/nonexistent"]), err=sys.stdout)
+        peft_buffers inspect: cannot read /nonexistent: no such file or directory
+        1
+    """
     out, err = out or sys.stdout, err or sys.stderr
     status = 0
-    for directory in argv:
+    for directory in args.dirs:
         try:
             print(inspect_adapter(directory).render(), file=out)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
