@@ -257,6 +257,8 @@ class TransformersEntry:
     """The ``PeftAdapterMixin`` hooks for one transformers release range (``tested``: the release CI runs).
 
     ``load_signature``: the leading parameters of ``load_adapter`` the load hook expects; checked at ``enable()``.
+    ``tested_min_peft``: the ``MIN_PEFT_VERSION`` of the ``tested`` release (its mixin refuses older PEFT). doctor
+    reads the installed release's own constant; this one only picks the transformers release to suggest.
 
     Example:
         >>> from packaging.version import Version
@@ -268,6 +270,7 @@ class TransformersEntry:
     tested: str
     hooks: tuple[AdapterHook, ...]
     load_signature: tuple[str, ...] = ()
+    tested_min_peft: Optional[str] = None
 
     def covers(self, version: Version) -> bool:
         return self.versions.contains(version, prereleases=True)
@@ -287,9 +290,9 @@ _LOAD_V5 = ("self", "peft_model_id", "adapter_name", "peft_config", "adapter_sta
 
 TRANSFORMERS_REGISTRY: tuple[TransformersEntry, ...] = (
     TransformersEntry(SpecifierSet(">=4.57.0,<5.0.0"), "4.57.6",
-                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "validate"),), _LOAD_V4),
+                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "validate"),), _LOAD_V4, "0.5.0"),
     TransformersEntry(SpecifierSet(">=5.0.0,<6.0.0"), "5.23.0",
-                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "load"),), _LOAD_V5),
+                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "load"),), _LOAD_V5, "0.20.0"),
 )
 
 
