@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = ["HELP", "add_arguments", "run", "run_demo"]
 
-HELP = "show the problem and the fix on a small ResNet (CPU, seconds)"
+HELP = "show the problem and the fix on a small ResNet, on CPU"
 
 
 class _Block(nn.Module):

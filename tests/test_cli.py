@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from peft import get_peft_model
@@ -161,3 +162,11 @@ def test_the_exit_status_reaches_the_shell():
     assert result.stderr.endswith("error: unrecognized arguments: --bogus\n")
 
 
+
+
+def test_the_help_transcript_in_docs_is_current(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps to the terminal width
+    assert exit_status(["--help"]) == 0
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+    transcript = docs.split(f"$ {PROG} --help\n", 1)[1].split("```", 1)[0]
+    assert transcript == capsys.readouterr().out
