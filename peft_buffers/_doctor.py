@@ -43,6 +43,7 @@ from ._registry import (
     README_END,
     README_START,
     SET,
+    TESTED_TORCH,
     TRANSFORMERS_REGISTRY,
     PatchEntry,
     range_text,
@@ -143,6 +144,8 @@ def doctor_report(deep: bool = False) -> dict:
                     "unusable": []}
     peft_version = _patch.installed_peft_version()
     report["unusable"] = _unusable_paths(peft_version, versions["transformers"])
+    if versions["torch"] is not None and Version(versions["torch"]).public != TESTED_TORCH:
+        report["notes"].append(f"CI tests torch {TESTED_TORCH}, not {versions['torch']}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an untested release is reported below, in notes

@@ -106,6 +106,9 @@ _SET_SITES_V13 = _SITES_V06 + ("peft.tuners.xlora.model",)
 _GET_SITES_V18 = _SITES_V06 + ("peft.functional", "peft.tuners.lora.model")
 _SET_SITES_V18 = _SITES_V06 + ("peft.functional", "peft.tuners.xlora.model")
 
+# The torch release every CI session installs (noxfile.py's TORCH; tests/test_packaging.py checks they agree).
+TESTED_TORCH = "2.13.0"
+
 # transformers 5.x removed `HybridCache`, which PEFT 0.16 and 0.17 import at `import peft`; transformers 5.x's
 # Trainer imports `peft.PeftMixedModel`, which PEFT 0.6 lacks. Those lines are tested with the last 4.x release.
 _TRANSFORMERS_4 = "4.57.6"
@@ -307,4 +310,4 @@ def transformers_entry_for(version: Version) -> Optional[TransformersEntry]:
     return next((entry for entry in TRANSFORMERS_REGISTRY if entry.covers(version)), None)
 
 
-__all__ += ["TRANSFORMERS_REGISTRY", "TransformersEntry", "transformers_entry_for"]
+__all__ += ["TESTED_TORCH", "TRANSFORMERS_REGISTRY", "TransformersEntry", "transformers_entry_for"]

@@ -15,7 +15,7 @@ from packaging.version import Version
 import peft_buffers
 from peft_buffers import _doctor, _patch
 from peft_buffers.__main__ import main
-from peft_buffers._registry import GET, SET, entry_for, readme_with_table, support_table
+from peft_buffers._registry import GET, SET, TESTED_TORCH, entry_for, readme_with_table, support_table
 
 from ._compat import PEFT_VERSION
 
@@ -181,3 +181,13 @@ def test_update_readme_outside_the_repository_is_a_clear_error(tmp_path, monkeyp
         "python -m peft_buffers doctor: error: README.md has no <!-- support-table:start --> ... "
         "<!-- support-table:end --> markers: is it peft_buffers' README?\n")
     assert (tmp_path / "README.md").read_text() == "# another project\n"
+
+
+def test_a_torch_ci_does_not_test_is_a_note(monkeypatch):  # issue 12: say what is tested
+    installed = _doctor._installed
+    monkeypatch.setattr(_doctor, "_installed", lambda name: "2.4.1+cu121" if name == "torch" else installed(name))
+    report = _doctor.doctor_report()
+    assert f"CI tests torch {TESTED_TORCH}, not 2.4.1+cu121" in report["notes"]
+    monkeypatch.setattr(_doctor, "_installed", lambda name: f"{TESTED_TORCH}+cpu" if name == "torch"
+                        else installed(name))
+    assert not [note for note in _doctor.doctor_report()["notes"] if "torch" in note]

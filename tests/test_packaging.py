@@ -11,7 +11,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from peft_buffers._registry import REGISTRY, supported_range
+from peft_buffers._registry import REGISTRY, TESTED_TORCH, supported_range
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only when installed (the demo, the transformers-native hooks); PEFT itself requires it anyway.
@@ -54,5 +54,6 @@ def test_the_peft_range_starts_at_the_registry_and_has_no_upper_bound():
 def test_the_torch_ci_tests_is_allowed_and_the_floor_is_2_1():
     torch = install_requires()["torch"].specifier
     tested = re.search(r'^TORCH = "torch==([^"]+)"$', (ROOT / "noxfile.py").read_text(), re.MULTILINE).group(1)
+    assert tested == TESTED_TORCH  # what doctor names as the tested torch
     assert torch.contains(tested)
     assert str(torch) == ">=2.1"
