@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
@@ -20,9 +21,14 @@ from ._errors import CommandError
 COMMANDS: dict[str, ModuleType] = {"demo": _demo, "inspect": _inspect, "doctor": _doctor}
 
 PROG = "python -m peft_buffers"
+SCRIPT = "peft-buffers"  # the console script (setup.cfg's entry point): its usage lines name it instead
 DESCRIPTION = ("peft_buffers: PEFT adapter files that also carry the base-model state training changed (running "
                "statistics, trained direct parameters).")
-EPILOG = f"Run '{PROG} COMMAND --help' for the options of a command."
+EPILOG = "Run '{prog} COMMAND --help' for the options of a command."
+
+
+def _prog() -> str:
+    return SCRIPT if Path(sys.argv[0]).name == SCRIPT else PROG
 
 
 def plain_text(docstring: str) -> str:
@@ -50,7 +56,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         >>> parser.parse_args(["doctor", "--json"]).json
         True
     """
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
+    prog = _prog()
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG.format(prog=prog))
     parser.add_argument("--version", action="version", version=f"peft_buffers {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parsers = {}
@@ -79,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.run(args)
     except CommandError as error:
-        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        print(f"{_prog()} {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -170,3 +170,10 @@ def test_the_help_transcript_in_docs_is_current(monkeypatch, capsys):
     docs = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
     transcript = docs.split(f"$ {PROG} --help\n", 1)[1].split("```", 1)[0]
     assert transcript == capsys.readouterr().out
+
+
+def test_the_console_script_names_itself(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/peft-buffers", "demo", "--bogus"])
+    assert exit_status(["demo", "--bogus"]) == 2
+    assert capsys.readouterr().err == "usage: peft-buffers demo [-h]\npeft-buffers demo: error: unrecognized " \
+                                      "arguments: --bogus\n"
