@@ -113,7 +113,8 @@ def run_suite(src: Path, enabled: bool, report: Path, baseline: Optional[dict[st
         sys.exit(f"pytest exited {done.returncode}:\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
     found = outcomes(report)
     lines = done.stdout.splitlines()[-3:]
-    lines[-1] += _failures_note(found, baseline)
+    if lines:
+        lines[-1] += _failures_note(found, baseline)
     print("\n".join(lines), flush=True)
     return found
 
