@@ -125,6 +125,26 @@ def peft_suite(session: nox.Session) -> None:
                 *session.posargs, env=INTEGRATION_ENV)
 
 
+# --- real vision models (issue 9) ---
+# The table of torchvision and timm models in tests/vision/models.py (docs/model-zoo.md), each trained two
+# steps, saved, reloaded bitwise, and shown to differ with stock PEFT; plus two adapters trained one after
+# the other and training through timm's forward_features. Its own venv: the README's stack stays on torch 2.13.
+#     nox -s vision                    # ~3 min to build the venv once (torch 2.14.1 is ~5.5 GB), ~1 min of tests
+#     nox -s vision -- -k timm -x      # other pytest arguments (default: tests/vision)
+VISION_STACK = ("torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31", f"peft=={INTEGRATION_PEFT}",
+                f"transformers=={REGISTRY['0.21'].transformers}", ACCELERATE, "safetensors==0.8.0",
+                "packaging==26.4", "pytest==9.2.0", "hypothesis==6.170.17")
+
+
+@nox.session
+def vision(session: nox.Session) -> None:
+    """Real torchvision/timm models trained, saved and reloaded bitwise; stock PEFT differs (issue 9)."""
+    session.install(*VISION_STACK)
+    session.run("python", "-m", "pip", "check")
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                *(session.posargs or ["tests/vision"]), env=INTEGRATION_ENV)
+
+
 # --- TRL (issue 12) ---
 #     nox -s trl                      # SFTTrainer(peft_config=...): save_model + reload bitwise, audit of train()
 # TRL pins checked with PEFT 0.21.2 and the 0.21 line's transformers (its shared base, so no new torch venv).

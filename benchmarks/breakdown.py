@@ -23,7 +23,7 @@ __all__ = ["main"]
 
 STEPS = (
     "peft_buffers._patch:_extra_state_for_save",
-    "peft_buffers._patch:find_extra_state",
+    "peft_buffers._patch:pv.settle",
     "peft_buffers._patch:plan_load",
     "peft_buffers._peft_view:model_view",
     "peft_buffers._peft_view:ensure_store",

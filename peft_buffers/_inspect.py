@@ -1,8 +1,15 @@
 """``python -m peft_buffers inspect DIR``: what an adapter file carries, with bytes.
 
-Works on the file alone (no model): running statistics are recognised by their names, adapter tensors by
-the tuner's key prefix from ``adapter_config.json``; the remaining base-model tensors are direct
-parameters (or base tensors PEFT saved itself, e.g. biases with ``bias="all"``: listed as adapter tensors).
+Works on the file alone (no model). Every key that writes into a base-model tensor is listed under its kind,
+so a user sees what a file will change before loading it:
+
+* adapter tensors: the tuner's own (key prefixes such as ``lora_``, ``modules_to_save`` copies, prompts);
+* base tensors PEFT saves itself: biases with ``bias="all"``, or ``"lora_only"`` for layers the adapter wraps;
+* running statistics, recognised by their names;
+* changed buffers: other buffers training moves, recognised by torch's names for them (spectral norm,
+  quantization observers and fake-quant modules) or by an integer dtype;
+* direct parameters: every other base-model tensor (a buffer of a third-party module that has none of those
+  names is listed here too: a file alone does not say whether a tensor is a parameter or a buffer).
 """
 
 from __future__ import annotations
@@ -22,6 +29,10 @@ HELP = "list what adapter file(s) carry, with bytes"
 
 _TUNER_PREFIXES = ("lora_", "hada_", "lokr_", "ia3_", "oft_", "boft_", "vera_", "fourierft_", "ln_tuning_",
                    "vblora_", "hra_", "bone_", "randlora_", "shira_", "c3a_", "road_", "miss_", "waveft_")
+# torch's names of buffers that training moves: spectral norm (both APIs), observers and fake-quant modules.
+_BUFFER_NAMES = ("_u", "_v", "weight_u", "weight_v", "scale", "zero_point", "min_val", "max_val", "min_vals",
+                 "max_vals", "histogram", "fake_quant_enabled", "observer_enabled", "eps")
+_INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
@@ -36,32 +47,40 @@ class TensorInfo:
 
 @dataclass
 class AdapterFileSummary:
-    """The tensors of one adapter file, sorted into adapter tensors, running statistics, direct parameters."""
+    """The tensors of one adapter file, sorted by what they write into (see the module docstring)."""
 
     path: Path
     file_bytes: int
     adapter: list[TensorInfo] = field(default_factory=list)
+    peft_base: list[TensorInfo] = field(default_factory=list)
     running_stats: dict[str, list[TensorInfo]] = field(default_factory=dict)
+    buffers: list[TensorInfo] = field(default_factory=list)
     direct: list[TensorInfo] = field(default_factory=list)
 
     def render(self) -> str:
         def total(infos):
             return sum(i.nbytes for i in infos)
 
+        def listed(title: str, infos: list[TensorInfo]) -> list[str]:
+            head = [f"  {title:<21}{_tensors(infos)} {total(infos):14,d} bytes"]
+            return head + [f"    {i.key}  {list(i.shape)} {i.dtype}  {i.nbytes:,} bytes" for i in infos]
+
         stats = [i for infos in self.running_stats.values() for i in infos]
+        modules = len(self.running_stats)
         lines = [
             f"{self.path}: {self.file_bytes:,} bytes on disk",
             f"  adapter tensors      {_tensors(self.adapter)} {total(self.adapter):14,d} bytes",
-            f"  running statistics   {_tensors(stats)} {total(stats):14,d} bytes "
-            f"in {_plural(len(self.running_stats), 'module')}",
         ]
+        if self.peft_base:
+            lines += listed("base tensors (PEFT)", self.peft_base)
+        lines.append(f"  running statistics   {_tensors(stats)} {total(stats):14,d} bytes "
+                     f"in {_plural(modules, 'module')}")
         for module, infos in sorted(self.running_stats.items()):
             present = {i.key.rsplit(".", 1)[1] for i in infos}
             names = ", ".join(n for n in RUNNING_STAT_NAMES if n in present)
             lines.append(f"    {module}  [{names}]  {total(infos):,} bytes")
-        lines.append(f"  direct parameters    {_tensors(self.direct)} {total(self.direct):14,d} bytes")
-        for info in self.direct:
-            lines.append(f"    {info.key}  {list(info.shape)} {info.dtype}  {info.nbytes:,} bytes")
+        lines += listed("changed buffers", self.buffers)
+        lines += listed("direct parameters", self.direct)
         return "\n".join(lines)
 
 
@@ -97,10 +116,15 @@ def _read_tensor_infos(path: Path) -> list[TensorInfo]:
     ]
 
 
-def _adapter_markers(config: dict) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
-    modules_to_save = tuple(config.get("modules_to_save") or ())
-    bias_saved = config.get("bias", "none") not in (None, "none")
-    return _TUNER_PREFIXES, modules_to_save, bias_saved
+def _peft_saves_bias(key: str, bias: str, wrapped: set[str]) -> bool:
+    """Whether PEFT itself saves this ``*.bias`` key: every bias with ``bias="all"``; with ``"lora_only"``
+    (or a tuner's own ``"<tuner>_only"``) only those of layers the adapter wraps."""
+    if not key.endswith(".bias") or bias in (None, "none"):
+        return False
+    if bias == "all":
+        return True
+    module = key[: -len(".bias")]
+    return module.removesuffix(".base_layer") in wrapped
 
 
 def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
@@ -131,22 +155,28 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
     else:
         config_path = path.parent / "adapter_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    prefixes, modules_to_save, bias_saved = _adapter_markers(config)
+    modules_to_save = tuple(config.get("modules_to_save") or ())
+    infos = _read_tensor_infos(path)
+    wrapped = {i.key.split("." + p)[0] for i in infos for p in i.key.split(".") if p.startswith(_TUNER_PREFIXES)}
     summary = AdapterFileSummary(path=path, file_bytes=path.stat().st_size)
-    for info in _read_tensor_infos(path):
+    for info in infos:
         parts = info.key.split(".")
         base_key = info.key.removeprefix("base_model.model.")
-        if parts[-1] in RUNNING_STAT_NAMES and not any(f".{m}." in f".{base_key}" for m in modules_to_save):
+        in_saved_module = any(f".{m}." in f".{base_key}" for m in modules_to_save)
+        if parts[-1] in RUNNING_STAT_NAMES and not in_saved_module:
             module = base_key.rsplit(".", 1)[0]
             summary.running_stats.setdefault(module, []).append(info)
         elif (
-            any(p.startswith(prefixes) for p in parts)
-            or any(f".{m}." in f".{base_key}" for m in modules_to_save)
-            or (bias_saved and parts[-1] == "bias")
+            any(p.startswith(_TUNER_PREFIXES) for p in parts)
+            or in_saved_module
             or "prompt_encoder" in parts
             or info.key.startswith("prompt_embeddings")
         ):
             summary.adapter.append(info)
+        elif _peft_saves_bias(info.key, config.get("bias", "none"), wrapped):
+            summary.peft_base.append(info)
+        elif parts[-1] in _BUFFER_NAMES or info.dtype in _INTEGER_DTYPES:
+            summary.buffers.append(info)
         else:
             summary.direct.append(info)
     return summary

@@ -22,8 +22,11 @@ from packaging.version import Version
 from . import _peft_view as pv
 from ._errors import IncompatibleExtraState, PeftBuffersError, UnsupportedPeftVersion
 from ._integrations import plan_transformers_hooks, transformers_status
+from ._load_plan import plan_load, raise_for_mismatches
 from ._registry import GET, SET, AdapterHook, PatchEntry, entry_for, newest_entry, supported_range
-from ._state import BASE, find_extra_state, plan_load, raise_for_mismatches
+from ._state import BASE, is_running_stat
+from ._store import install_optimizer_hook, remove_optimizer_hook
+from ._targets import resolve_target
 
 __all__ = ["disable", "enable", "is_enabled", "patch_status"]
 
@@ -43,6 +46,7 @@ class _Patch:
     entry: PatchEntry
     peft_version: str
     untested: bool
+    check_values: bool = True
     bindings: list[_Binding] = field(default_factory=list)
 
 
@@ -159,7 +163,7 @@ def _make_get(original: Callable, peft_saved_keys: Callable) -> Callable:
         if bound.arguments.get("unwrap_compiled"):
             model = getattr(model, "_orig_mod", model)
         extra = _extra_state_for_save(
-            model, bound.arguments["adapter_name"], bound.arguments.get("state_dict"), set(result)
+            model, bound.arguments["adapter_name"], bound.arguments.get("state_dict"), set(result), peft_saved_keys
         )
         result.update(extra)
         return result
@@ -167,32 +171,76 @@ def _make_get(original: Callable, peft_saved_keys: Callable) -> Callable:
     return get_peft_model_state_dict
 
 
-def _extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set) -> dict:
-    """The running statistics and direct parameters to add to ``adapter_name``'s saved state dict."""
-    store = pv.ensure_store(root, is_enabled)
-    stats, trainable = find_extra_state(store.view)
+def _extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set, peft_saved_keys: Callable) -> dict:
+    """The extra state to add to ``adapter_name``'s saved state dict: what changed while it was live.
+
+    Keys are the tensors' live state-dict names; values come from ``state_dict`` when the caller passed one
+    (FSDP, DeepSpeed gather it), else from the live model or the adapter's stored copy.
+    """
+    store = pv.ensure_store(root, late=True)
+    found = pv.settle(root, store, peft_saved_keys)
+    keys = store.owned_keys(adapter_name)
+    if adapter_name == store.live and getattr(store, "late", False):
+        keys |= _late_fallback(store, found, adapter_name)
     extra: dict[str, torch.Tensor] = {}
-    if adapter_name == store.live:
-        places = dict(stats)
-        for key in store.owned_keys(adapter_name):
-            if store.places[key].is_parameter:
-                places[key] = store.places[key]
-        for key, place in trainable.items():
-            if key not in peft_keys:
-                places[key] = place
-        for key, place in places.items():
-            if state_dict is not None and key in state_dict:
-                extra[key] = state_dict[key]
-            else:
-                tensor = place.tensor
-                extra[key] = tensor.detach() if place.is_parameter else tensor
-        return extra
-    for key, place in stats.items():
-        extra[key] = store.value(adapter_name, key) if key in store.places else place.tensor
-    for key in store.owned_keys(adapter_name):
-        if store.places[key].is_parameter:
-            extra[key] = store.value(adapter_name, key)
+    for key in [k for k in found.ordered if k in keys] + sorted(keys - set(found.ordered)):
+        place = found.get(key) or store.places[key]
+        saved = place.saved_key
+        if saved in peft_keys:
+            continue
+        if adapter_name != store.live:
+            extra[saved] = store.value(adapter_name, key)
+        elif state_dict is not None and saved in state_dict:
+            extra[saved] = state_dict[saved]
+        else:
+            tensor = place.tensor
+            extra[saved] = tensor.detach() if place.is_parameter else tensor
+    _warn_unsaved(store, adapter_name, found)
     return extra
+
+
+def _late_fallback(store, found, adapter_name: str) -> set:
+    """Keys to save for a model peft_buffers first saw at this save: every running statistic and trainable
+    parameter (the base values are unknown, so what changed cannot be told)."""
+    inside_copies = tuple(f".{child}." for child in store.view.owned_children)  # PEFT saves the trained copy
+
+    def outside(place) -> bool:
+        return not any(segment in f".{place.live_key}" for segment in inside_copies)
+
+    keys = {k for k, p in found.buffers.items() if is_running_stat(p) and outside(p)}
+    keys |= {k for k, p in found.parameters.items() if p.tensor.requires_grad and outside(p)}
+    if keys and not getattr(store, "late_warned", False):
+        store.late_warned = True
+        warnings.warn(
+            f"peft_buffers saw this model for the first time at save (was peft_buffers.enable() called after "
+            f"get_peft_model / from_pretrained?): what training changed is unknown, so adapter "
+            f"{adapter_name!r} carries every running statistic and trainable base parameter ({len(keys)} "
+            f"tensors). Call enable() before creating the PeftModel for exact files.",
+            stacklevel=4,
+        )
+    return keys
+
+
+def _warn_unsaved(store, adapter_name: str, found) -> None:
+    """Say which changed base tensors no adapter file will carry, or carry with an unknown base value."""
+    messages = []
+    unattributed = sorted(set(store.unattributed) - store.warned)
+    if unattributed:
+        names = ", ".join(found.get(k).saved_key if found.get(k) else k for k in unattributed)
+        messages.append(
+            f"{len(unattributed)} base-model tensor(s) changed while no adapter was active (e.g. training inside "
+            f"disable_adapter()): no adapter file carries them, and they are the base model's values now: {names}"
+        )
+    unknown = sorted((store.unknown_base & store.owned_keys(adapter_name)) - store.warned)
+    if unknown:
+        messages.append(
+            f"adapter {adapter_name!r} carries {len(unknown)} parameter(s) changed in place outside an optimizer "
+            f"before peft_buffers knew their base value; disable_adapter() and other adapters compute with the "
+            f"value first seen: {', '.join(unknown)}"
+        )
+    if messages:
+        store.warned.update(unattributed, unknown)
+        warnings.warn("peft_buffers: " + " | ".join(messages), stacklevel=4)
 
 
 def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
@@ -212,7 +260,9 @@ def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
             pv.model_view(root),
             incoming,
             claimed_by_peft=lambda candidates: peft_saved_keys(root, adapter_name, candidates),
+            wraps_for_adapter=pv.wraps_for(adapter_name),
             ignore_mismatched_sizes=bool(bound.arguments.get("ignore_mismatched_sizes", False)),
+            check_values=_patch.check_values,
         )
         raise_for_mismatches(plan, adapter_name)  # before anything changes
         for dropped in plan.dropped:
@@ -221,13 +271,15 @@ def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
             return original(*args, **kwargs)  # a stock PEFT file: exactly stock behaviour
         bound.arguments[sd_param] = plan.passthrough
         result = original(*bound.args, **bound.kwargs)
-        store = pv.ensure_store(root, is_enabled)
+        store = pv.ensure_store(root, late=True)  # not seen at attach: base values unknown
+        pv.settle(root, store, peft_saved_keys)  # what the live adapter changed so far stays its own
         config = root.peft_config[adapter_name] if hasattr(root, "peft_config") else None
         trainable = not getattr(config, "inference_mode", True)
         store.set_values(adapter_name, plan.extra, trainable=trainable)
         pv.sync(root, peft_saved_keys)
         if hasattr(result, "missing_keys") and hasattr(result, "_replace"):
-            ours = set(plan.extra) | {m.key for m in plan.dropped}
+            ours = {place.live_key for place, _ in plan.extra.values()} | set(plan.extra)
+            ours |= {m.key for m in plan.dropped}
             result = result._replace(missing_keys=[k for k in result.missing_keys if k not in ours])
         return result
 
@@ -329,24 +381,17 @@ def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable)
     raise ValueError(f"unknown adapter hook kind {hook.kind!r}")
 
 
-def _resolve_target(target: str) -> tuple[Any, str]:
-    module_path, _, attr_path = target.partition(":")
-    owner: Any = importlib.import_module(module_path)
-    *parents, attr = attr_path.split(".")
-    for parent in parents:
-        owner = getattr(owner, parent)
-    return owner, attr
-
-
 # ----------------------------------------------------------------------------------------- enable/disable
 
 
-def enable(*, allow_untested: bool = False) -> PatchEntry:
-    """Patch PEFT so adapter files carry running statistics and trained direct parameters.
+def enable(*, allow_untested: bool = False, check_values: bool = True) -> PatchEntry:
+    """Patch PEFT so adapter files carry the base-model state training changed, per adapter.
 
     Idempotent and thread-safe. Returns the registry entry in use. Raises
     :class:`~peft_buffers.UnsupportedPeftVersion` when the installed PEFT is outside every registry range,
-    unless ``allow_untested=True`` (then the newest entry is used, with a warning).
+    unless ``allow_untested=True`` (then the newest entry is used, with a warning). With
+    ``check_values=False``, files whose running statistics are not finite (or whose variance is negative)
+    load anyway instead of raising :class:`~peft_buffers.IncompatibleExtraState`.
 
     Example:
         >>> import peft_buffers
@@ -358,6 +403,7 @@ def enable(*, allow_untested: bool = False) -> PatchEntry:
     global _patch
     with _lock:
         if _patch is not None:
+            _patch.check_values = check_values
             return _patch.entry
         version = installed_peft_version()
         entry, untested = select_entry(version, allow_untested)
@@ -380,7 +426,7 @@ def enable(*, allow_untested: bool = False) -> PatchEntry:
                     )
                 planned.append(_Binding(module, name, original, replacement[name]))
         for hook in entry.adapter_hooks:
-            owner, attr = _resolve_target(hook.target)
+            owner, attr = resolve_target(hook.target)
             original = owner.__dict__.get(attr)
             if original is None:
                 raise PeftBuffersError(f"{hook.target} is not defined on {owner!r}; fix the registry entry.")
@@ -390,7 +436,9 @@ def enable(*, allow_untested: bool = False) -> PatchEntry:
 
         for binding in planned:  # everything checked: now change things
             setattr(binding.owner, binding.attr, binding.replacement)
-        _patch = _Patch(entry=entry, peft_version=str(version), untested=untested, bindings=planned)
+        install_optimizer_hook()
+        _patch = _Patch(entry=entry, peft_version=str(version), untested=untested, check_values=check_values,
+                        bindings=planned)
         return entry
 
 
@@ -410,6 +458,7 @@ def disable() -> None:
             return
         for binding in reversed(_patch.bindings):
             setattr(binding.owner, binding.attr, binding.original)
+        remove_optimizer_hook()
         _patch = None
 
 

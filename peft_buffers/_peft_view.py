@@ -11,12 +11,12 @@ import threading
 import warnings
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
-from ._state import BASE, ExtraStateStore, ModelView, find_running_stats, find_trainable_parameters
+from ._state import BASE, BaseTensors, ModelView, find_base_tensors
+from ._store import ExtraStateStore
 
-__all__ = ["active_adapter", "attached_store", "ensure_store", "model_view", "sync"]
+__all__ = ["active_adapter", "attached_store", "ensure_store", "model_view", "settle", "sync", "wraps_for"]
 
 _STORE_ATTR = "_peft_buffers_store"
 
@@ -105,45 +105,17 @@ def attached_store(root: nn.Module) -> Optional[ExtraStateStore]:
     return root.__dict__.get(_STORE_ATTR)
 
 
-def _compiler_disable(fn: Callable) -> Callable:
-    compiler = getattr(torch, "compiler", None)
-    disable = getattr(compiler, "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
-@_compiler_disable  # runs eagerly under torch.compile: it changes Python state, once
-def _claim_running_stats(store: ExtraStateStore) -> None:
-    store.claim_live(find_running_stats(store.view))
-
-
-class ClaimStatsBeforeTraining:
-    """Forward pre-hook: the first train-mode forward of an adapter that does not own the running statistics
-    yet gives them to it, keeping a copy of the values it computed with (the base model's).
-
-    A class, not a closure, so ``copy.deepcopy(model)`` gives the copy a hook bound to the copy's store, and
-    whole-model pickling works.
-    """
-
-    def __init__(self, store: ExtraStateStore, is_enabled: Callable[[], bool]):
-        self.store = store
-        self.is_enabled = is_enabled
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        store = self.store
-        if module.training and store.live is not BASE and not store.live_owns_stats() and self.is_enabled():
-            _claim_running_stats(store)
-
-
 _attach_lock = threading.Lock()
 
 
-def ensure_store(root: nn.Module, is_enabled: Callable[[], bool]) -> ExtraStateStore:
+def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True, late: bool = False
+                 ) -> ExtraStateStore:
     """Attach a store to ``root`` (once, thread-safe) and return it.
 
-    The store starts with the active adapter live and the base model's values in place. A forward
-    pre-hook (:class:`ClaimStatsBeforeTraining`) keeps a copy of the base model's running statistics the
-    first time the model runs in train mode: so ``disable_adapter()`` and adapters that carry no statistics
-    of their own still compute with the base model's values after training.
+    The store starts with the active adapter live and takes the base values at once: a copy of every
+    persistent buffer, the version of every parameter (:meth:`ExtraStateStore.capture`). ``late`` says the
+    store is attached only now, at a save: then the base values were not seen before training, and the save
+    falls back to carrying every running statistic and every trainable parameter (with a warning).
     """
     store = attached_store(root)
     if store is not None:
@@ -154,8 +126,8 @@ def ensure_store(root: nn.Module, is_enabled: Callable[[], bool]) -> ExtraStateS
             return store
         view = model_view(root)
         store = ExtraStateStore(live=active_adapter(root), view=view)
-        store.disabled_depth = 0
-        store.hook_handle = view.base.register_forward_pre_hook(ClaimStatsBeforeTraining(store, is_enabled))
+        store.late = late
+        store.capture(find_base_tensors(view))
         root.__dict__[_STORE_ATTR] = store
         return store
 
@@ -164,11 +136,30 @@ def target_owner(root: nn.Module, store: ExtraStateStore) -> Optional[str]:
     return BASE if store.disabled_depth else active_adapter(root)
 
 
+def settle(root: nn.Module, store: ExtraStateStore, peft_saved_keys: Callable, found: Optional[BaseTensors] = None
+           ) -> BaseTensors:
+    """Attribute what changed since the last look to the live adapter (see ``ExtraStateStore.settle``).
+
+    Returns the walk it made, for the caller to reuse.
+    """
+    found = found if found is not None else find_base_tensors(store.view)
+    live = store.live
+
+    def peft_keys(candidates: dict) -> set:
+        # PEFT names tensors by their live keys; the store by base keys.
+        by_live = {found.get(key).live_key: key for key in candidates}
+        own = peft_saved_keys(root, live, {found.get(k).live_key: t for k, t in candidates.items()})
+        return {by_live[k] for k in own if k in by_live}
+
+    store.settle(found, peft_keys)
+    return found
+
+
 def sync(root: nn.Module, peft_saved_keys: Callable[[nn.Module, str], set]) -> None:
     """Make the extra state of the adapter that should compute now live.
 
-    Before switching away from an adapter, its trained direct parameters become its own (so they are not
-    lost and do not leak into the next adapter).
+    Before switching away from an adapter, what changed while it was live becomes its own (so it is not lost
+    and does not leak into the next adapter).
     """
     store = attached_store(root)
     if store is None:
@@ -176,12 +167,21 @@ def sync(root: nn.Module, peft_saved_keys: Callable[[nn.Module, str], set]) -> N
     target = target_owner(root, store)
     if target == store.live:
         return
-    if store.live is not BASE:
-        trainable = find_trainable_parameters(store.view)
-        if trainable:
-            own = peft_saved_keys(root, store.live, {k: p.tensor for k, p in trainable.items()})
-            store.claim_live({k: p for k, p in trainable.items() if k not in own}, trainable=True)
+    settle(root, store, peft_saved_keys)
     store.switch(target)
+
+
+def wraps_for(adapter_name: Optional[str]) -> Callable[[nn.Module], bool]:
+    """For ``plan_load``: does this ``modules_to_save`` wrapper hold ``adapter_name``'s own copy (PEFT's keys)?"""
+
+    def wraps_for_adapter(wrapper: nn.Module) -> bool:
+        copies = wrapper._modules.get("modules_to_save")
+        if copies is not None and adapter_name in getattr(copies, "_modules", {}):
+            return True
+        token_adapter = wrapper._modules.get("token_adapter")  # trainable tokens (PEFT >= 0.15)
+        return token_adapter is not None and adapter_name in getattr(token_adapter, "trainable_tokens_delta", {})
+
+    return wraps_for_adapter
 
 
 def quiet(fn: Callable, *args, **kwargs):

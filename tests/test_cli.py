@@ -90,6 +90,7 @@ def test_inspect_counts_one_module_and_one_tensor_in_the_singular(tmp_path, caps
         "  adapter tensors           0 tensors              0 bytes",
         "  running statistics        1 tensor              16 bytes in 1 module",
         "    bn  [running_mean]  16 bytes",
+        "  changed buffers           0 tensors              0 bytes",
         "  direct parameters         0 tensors              0 bytes",
     ]
 

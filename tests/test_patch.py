@@ -11,6 +11,7 @@ import pytest
 import peft_buffers
 from peft_buffers import _patch
 from peft_buffers._registry import GET, SET
+from peft_buffers._targets import resolve_target
 
 ENTRY, _ = _patch.select_entry(_patch.installed_peft_version(), allow_untested=True)
 
@@ -23,7 +24,7 @@ def _sites():
 
 def _hooked_methods():
     for hook in ENTRY.adapter_hooks:
-        owner, attr = _patch._resolve_target(hook.target)
+        owner, attr = resolve_target(hook.target)
         yield owner, attr
 
 

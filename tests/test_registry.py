@@ -30,6 +30,7 @@ from peft_buffers._registry import (
     support_table,
     supported_range,
 )
+from peft_buffers._targets import resolve_target
 
 from ._compat import PEFT_VERSION
 
@@ -100,7 +101,7 @@ def test_installed_peft_binds_the_functions_exactly_at_the_entrys_sites():
 
 def test_installed_peft_defines_every_hooked_method_on_its_class():
     for hook in INSTALLED_ENTRY.adapter_hooks:
-        owner, attr = _patch._resolve_target(hook.target)
+        owner, attr = resolve_target(hook.target)
         assert attr in owner.__dict__, hook.target
         if hook.kind == "forward":  # the forwarded method is the tuner's, not the PeftModel's
             assert hook.method not in owner.__dict__

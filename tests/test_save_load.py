@@ -42,6 +42,12 @@ def stat_keys(model):
     }
 
 
+def changed_stat_keys(model, spec):
+    """Running statistics that differ from a fresh base model's: what the file must carry (issue 9's rule)."""
+    fresh, live = dict(spec.make().named_buffers()), dict(model.named_buffers())
+    return {key for key in stat_keys(model) if not torch.equal(fresh[key[len("base_model.model."):]], live[key])}
+
+
 TABLE = [
     ("resnet", "lora"),
     ("resnet", "loha"),
@@ -68,7 +74,8 @@ def test_reload_is_bitwise_equal(enabled, tmp_path, model_name, tuner):
     loaded = PeftModel.from_pretrained(spec.make(), tmp_path).eval()
 
     assert torch.equal(logits(loaded, x), expected)
-    assert stat_keys(model) <= saved_keys(tmp_path)
+    assert changed_stat_keys(model, spec) <= saved_keys(tmp_path)
+    assert changed_stat_keys(model, spec)  # training moved statistics: the test can fail
 
 
 # https://github.com/huggingface/peft/issues/1732
@@ -483,7 +490,8 @@ def test_base_parameters_peft_saves_itself_stay_peft_s(enabled, tmp_path):
     x = spec.inputs(seed=99)
     assert torch.equal(logits(loaded, x), logits(model, x))
     store = loaded.__dict__["_peft_buffers_store"]
+    # InstanceNorm never counts batches: its num_batches_tracked did not change, so no file carries it (issue 9).
     assert store.owned_keys("default") == {
         f"base_model.model.{m}.{b}" for m in ("bn2d", "inorm", "bn1d")
         for b in ("running_mean", "running_var", "num_batches_tracked")
-    }
+    } - {"base_model.model.inorm.num_batches_tracked"}

@@ -8,16 +8,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from peft_buffers._load_plan import plan_load
 from peft_buffers._state import (
     BASE,
-    ExtraStateStore,
     ModelView,
     TensorPlace,
+    find_base_tensors,
     find_running_stats,
     find_trainable_parameters,
-    plan_load,
     tracks_running_stats,
 )
+from peft_buffers._store import ExtraStateStore
 
 
 class LookAlikeNorm(nn.Module):
@@ -86,7 +87,10 @@ def test_view_skips_owned_subtrees_and_descends_only_into_allowed_children():
 
     net = nn.Sequential(Owned(nn.BatchNorm1d(2)), Tuner())
     view = ModelView(base=net, owned_types=(Owned,), partial_types=(Tuner,))
-    assert {k.rsplit(".", 1)[0] for k in find_running_stats(view)} == {"1.base_layer"}
+    stats = find_running_stats(view)
+    # base keys leave the wrapper's segment out (issue 10: other adapters add and remove wrappers)
+    assert {k.rsplit(".", 1)[0] for k in stats} == {"1"}
+    assert {p.live_key.rsplit(".", 1)[0] for p in stats.values()} == {"1.base_layer"}
 
 
 def test_trainable_parameters_are_found_once_by_first_name():
@@ -118,8 +122,9 @@ def test_plan_sorts_extra_state_from_peft_keys():
         claimed_by_peft=lambda candidates: set(),
     )
     assert sorted(plan.extra) == ["m.0.bias", "m.1.running_mean"]
-    assert sorted(plan.passthrough) == ["m.0.lora_A.weight", "prompt_encoder.embedding.weight"]
-    assert plan.mismatches == []
+    assert sorted(plan.passthrough) == ["prompt_encoder.embedding.weight"]  # outside the base model
+    # m.0 is no tuner layer here: a key below it that names nothing is an error, not silently dropped (issue 10)
+    assert [m.key for m in plan.mismatches] == ["m.0.lora_A.weight"]
 
 
 def test_plan_leaves_parameters_peft_claims_to_peft():
@@ -202,10 +207,14 @@ def test_owner_without_own_value_computes_with_the_base_value():
     assert bn.running_mean.tolist() == [0.0, 0.0]
 
 
-def test_claim_keeps_a_copy_of_the_base_value_before_training():
-    bn, store, place = _bn_store()
-    store.claim_live({"rm": place})
-    bn.running_mean.add_(3.0)  # training in place
+def test_a_change_while_an_adapter_is_live_becomes_its_own():
+    # issue 9: base values are taken at attach, whatever entry point later runs the model
+    bn = nn.BatchNorm1d(2)
+    view = ModelView(base=bn)
+    store = ExtraStateStore(live="a", view=view)
+    store.capture(find_base_tensors(view))
+    bn.running_mean.add_(3.0)  # training in place, no hook involved
+    assert store.settle(find_base_tensors(view)) == {"running_mean"}
     store.switch(BASE)
     assert bn.running_mean.tolist() == [0.0, 0.0]
     store.switch("a")
@@ -252,9 +261,11 @@ OWNERS = ["a", "b", "c", BASE]
 )
 def test_store_matches_a_reference_model(ops):
     """Whatever the sequence, the live tensors hold the live owner's values (or the base's)."""
-    bns = [nn.BatchNorm1d(1) for _ in range(3)]
-    places = {f"k{i}": TensorPlace(f"k{i}", bn, "running_mean", False) for i, bn in enumerate(bns)}
-    store = ExtraStateStore(live="a")
+    bns = nn.Sequential(*[nn.BatchNorm1d(1) for _ in range(3)])
+    places = {f"k{i}": TensorPlace(f"{i}.running_mean", bn, "running_mean", False) for i, bn in enumerate(bns)}
+    view = ModelView(base=bns)
+    store = ExtraStateStore(live="a", view=view)
+    store.capture(find_base_tensors(view))
     reference = {BASE: {k: 0.0 for k in places}, "a": {}, "b": {}, "c": {}}
     live = "a"
 
@@ -265,22 +276,25 @@ def test_store_matches_a_reference_model(ops):
         if op[0] == "set":
             _, owner, index, value = op
             key = f"k{index}"
-            store.set_values(owner, {key: (places[key], torch.full((1,), float(value)))})
+            store.settle(find_base_tensors(view))
+            store.set_values(owner, {places[key].key: (places[key], torch.full((1,), float(value)))})
             reference[owner][key] = float(value)
         elif op[0] == "switch":
+            store.settle(find_base_tensors(view))
             store.switch(op[1])
             live = op[1]
-        else:  # training changes whatever is live; the live owner claims statistics first
+        else:  # training changes whatever is live; what changed becomes the live owner's at the next settle
             _, index, value = op
             key = f"k{index}"
             if live is not BASE and key not in reference[live]:
-                store.claim_live({key: places[key]})
                 reference[live][key] = reference[BASE][key]
             places[key].tensor.add_(float(value))
             target = reference[BASE] if live is BASE else reference[live]
             target[key] += float(value)
         for key, place in places.items():
             assert place.tensor.item() == expected(live, key)
+    store.settle(find_base_tensors(view))
     for owner in OWNERS:
-        for key in store.places:  # keys never set or trained are not managed: the live value is the base's
-            assert store.value(owner, key).item() == expected(owner, key)
+        for key, place in places.items():  # keys never set or trained are not managed: the base's value
+            value = store.value(owner, place.key) if place.key in store.places else place.tensor
+            assert value.item() == expected(owner, key)

@@ -24,8 +24,10 @@ import torch
 from packaging.version import Version
 
 from .. import _peft_view as pv
+from .._load_plan import LoadPlan, plan_load, raise_for_mismatches
 from .._registry import AdapterHook, TransformersEntry, transformers_entry_for
-from .._state import LoadPlan, TensorPlace, plan_load, raise_for_mismatches
+from .._state import TensorPlace
+from .._targets import resolve_target
 
 __all__ = ["mixin_min_peft", "plan_transformers_hooks", "transformers_status"]
 
@@ -103,9 +105,7 @@ def plan_transformers_hooks(
 
 
 def _plan_one(hook: AdapterHook, entry: TransformersEntry, peft_saved_keys: Callable, is_enabled: Callable):
-    from .._patch import _resolve_target  # imported here: _patch imports this module
-
-    owner, attr = _resolve_target(hook.target)
+    owner, attr = resolve_target(hook.target)
     original = owner.__dict__.get(attr)
     if original is None:
         raise AttributeError(f"{hook.target} is not defined")
@@ -242,7 +242,7 @@ def _check_before_loading(root: torch.nn.Module, arguments: dict) -> tuple[LoadP
     incoming = _model_keys(_incoming_state_dict(arguments))
     before_injection = {_without_base_layer(k): v for k, v in incoming.items()}
     check = plan_load(pv.model_view(root), before_injection,
-                      ignore_mismatched_sizes=_ignore_mismatched_sizes(arguments))
+                      ignore_mismatched_sizes=_ignore_mismatched_sizes(arguments), unknown_keys_are_peft=True)
     raise_for_mismatches(check, arguments.get("adapter_name") or "default")
     return check, incoming
 
@@ -273,10 +273,12 @@ def _make_load(original: Callable, peft_saved_keys: Callable, is_enabled: Callab
         # this adapter's extra state.
         plan = plan_load(pv.model_view(self), incoming,
                          claimed_by_peft=lambda candidates: peft_saved_keys(self, adapter_name, candidates),
+                         wraps_for_adapter=pv.wraps_for(adapter_name),
                          ignore_mismatched_sizes=_ignore_mismatched_sizes(arguments))
         # Only tensors checked in step 1 were put back; any other (none by construction) is left alone.
         extra = {k: v for k, v in plan.extra.items() if _place_id(v[0]) in live_before}
         store = pv.ensure_store(self, is_enabled)
+        pv.settle(self, store, peft_saved_keys)
         store.set_values(adapter_name, extra, trainable=bool(arguments.get("is_trainable")))
         _switch(self, peft_saved_keys)
         return result

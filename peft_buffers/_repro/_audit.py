@@ -88,8 +88,9 @@ class AuditReport:
         """Raise AssertionError listing every base-model tensor that training should not have changed, and
         fail when no trainable adapter tensor changed at all.
 
-        Allowed to change: running statistics that peft_buffers saves (BatchNorm statistics move whenever a
-        model trains), tensors PEFT saves itself, and names matching a pattern in ``allow`` (``fnmatch``
+        Allowed to change: buffers that peft_buffers saves (BatchNorm statistics, spectral-norm vectors,
+        observers and router biases move whenever a model trains), tensors PEFT saves itself, and names
+        matching a pattern in ``allow`` (``fnmatch``
         patterns on the names shown in the report, e.g. ``"vit.embeddings.*"`` for parameters you meant to
         train). A changed base *parameter* is an offender even when peft_buffers saves it: it was trainable.
 
@@ -249,8 +250,9 @@ def audit(model: nn.Module, adapter_name: Optional[str] = None, *,
           exact_below_bytes: int = EXACT_BELOW_BYTES) -> Audit:
     """Context manager around training: on exit, its report says what training changed and what is saved.
 
-    Base-model parameters and buffers that changed are marked "saved by peft_buffers" (running statistics,
-    trained direct parameters, when peft_buffers is enabled), "saved by PEFT", or "CHANGED BUT NOT SAVED";
+    Base-model parameters and buffers that changed are marked "saved by peft_buffers" (every changed buffer
+    and base parameter the adapter's file carries, when peft_buffers is enabled), "saved by PEFT", or
+    "CHANGED BUT NOT SAVED";
     trainable adapter tensors are listed as changed or not. Names are relative to the base model.
 
     Nothing big is copied: tensors under ``exact_below_bytes`` (1 MiB) are copied on their own device and

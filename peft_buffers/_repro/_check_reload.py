@@ -16,6 +16,7 @@ from torch import nn
 from .. import _peft_view as pv
 from .._patch import is_enabled
 from .._public import extra_state_dict
+from .._state import RUNNING_STAT_NAMES
 from ._common import adapter_tensors, base_tensors, bitwise_equal, iter_tensors, short_list
 from ._explain import explain
 
@@ -299,7 +300,7 @@ def _merged_modules(model: nn.Module) -> set[int]:
 
 def _extra_state_cause(model: nn.Module, loaded: nn.Module, active: Optional[str], saved_keys: set[str],
                        notes: list[str]) -> tuple[Optional[Cause], set[str]]:
-    """Extra state (running statistics, trained direct parameters) that the file lacks although it matters.
+    """Extra state (changed buffers and base parameters) that the file lacks although it matters.
 
     Returns the cause (or None) and every key of extra state that the file lacks.
     """
@@ -316,13 +317,14 @@ def _extra_state_cause(model: nn.Module, loaded: nn.Module, active: Optional[str
     evidence = []
     for key in differ[:_SHOWN]:
         entry = base_a.get(key)
-        kind = "running statistic" if entry is not None and not entry.is_parameter else "direct parameter"
+        stat = key.rsplit(".", 1)[-1] in RUNNING_STAT_NAMES
+        kind = "direct parameter" if entry is None or entry.is_parameter else "running statistic" if stat else "buffer"
         found = _delta(expected[key], base_b[key].tensor) if key in base_b else "absent after reload"
         evidence.append(f"{entry.name if entry is not None else key} ({kind}): {found}")
     if len(differ) > _SHOWN:
         evidence.append(f"... and {len(differ) - _SHOWN} more")
     fix = ("call peft_buffers.enable() before save_pretrained() (and before loading): the adapter file then "
-           "carries running statistics and trained direct parameters" if not is_enabled() else
+           "carries every base-model buffer and parameter training changed" if not is_enabled() else
            "peft_buffers is enabled now but these keys were not written: enable it before the model is saved, "
            "and check that saving goes through PEFT's get_peft_model_state_dict")
     cause = Cause(
@@ -390,8 +392,8 @@ def _base_causes(model: nn.Module, loaded: nn.Module, skip: set[str]) -> list[Ca
             tuple(weight_diffs[:_SHOWN] + more + structure[:_SHOWN]),
             "make_base() must build exactly the base used in training: same checkpoint and revision, same seed "
             "for randomly initialised layers, nothing changed after loading. If training changed these tensors "
-            "(see peft_buffers.audit), keep them trainable at save time with peft_buffers enabled, or add their "
-            "modules to modules_to_save",
+            "(see peft_buffers.audit), call peft_buffers.enable() before get_peft_model / from_pretrained: the "
+            "adapter file then carries every base tensor training changed",
             _LIKELIHOOD["base_weights_differ"]))
     device_a, device_b = _main_float(model)[0], _main_float(loaded)[0]
     if device_a is not None and device_b is not None and device_a.type != device_b.type:

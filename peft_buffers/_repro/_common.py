@@ -89,7 +89,7 @@ def base_tensors(root: nn.Module, view: ModelView | None = None) -> dict[str, Te
     view = view if view is not None else pv.model_view(root)
     entries: dict[str, TensorEntry] = {}
     seen: set[int] = set()
-    for prefix, module in view.modules():
+    for prefix, _saved, _base_prefix, module in view.modules():
         for is_parameter, attr, tensor in _state_dict_tensors(module):
             if id(tensor) in seen:
                 continue

@@ -1,0 +1,175 @@
+"""Every code block of README.md and docs/*.md marked runnable runs, so none goes stale (issue 12).
+
+The convention (docs/development.md): a fenced block whose info string is ``python runnable``. Each block runs
+in a fresh namespace, in its own temporary working directory, with the network closed and the HF hub offline.
+A block checks its own claims with ``assert``; it must stay fast (tiny random-init models, a few steps).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import textwrap
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RUNNABLE_INFO = ("python", "runnable")
+# An opening or closing fence: up to 3 spaces of indent in CommonMark, more inside list items; ``` or ~~~.
+FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
+
+
+class Block(NamedTuple):
+    document: Path
+    line: int  # 1-based line of the first line of code
+    code: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.document.relative_to(ROOT)}:{self.line}"
+
+
+def runnable_blocks(document: Path, text: str) -> list[Block]:
+    """The fenced blocks of ``text`` whose info string is ``python runnable``, dedented to their fence.
+
+    Example:
+        >>> text = "a\\n```python runnable\\nx = 1\\n```\\n```python\\ny = 2\\n```\\n"
+        >>> [(b.line, b.code) for b in runnable_blocks(ROOT / "README.md", text)]
+        [(3, 'x = 1\\n')]
+    """
+    blocks: list[Block] = []
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        opening = FENCE.match(lines[index])
+        if not opening:
+            index += 1
+            continue
+        fence, info = opening["fence"], opening["info"].strip()
+        start = index + 1
+        index = start
+        # A closing fence: the same character, at least as long, nothing after it.
+        while index < len(lines):
+            closing = FENCE.match(lines[index])
+            if closing and closing["fence"][0] == fence[0] and len(closing["fence"]) >= len(fence) \
+                    and not closing["info"].strip():
+                break
+            index += 1
+        if tuple(info.split()) == RUNNABLE_INFO:
+            code = textwrap.dedent("\n".join(lines[start:index]) + "\n")
+            blocks.append(Block(document, start + 1, code))
+        index += 1
+    return blocks
+
+
+BLOCKS = [block for document in DOCUMENTS for block in runnable_blocks(document, document.read_text("utf-8"))]
+
+
+def test_the_parser_finds_exactly_the_marked_blocks():
+    text = textwrap.dedent("""\
+        ```python runnable
+        a = 1
+        ```
+        ```python
+        not_marked = 1
+        ```
+        ````markdown
+        ```python runnable
+        inside_another_block = 1
+        ```
+        ````
+        - a list item:
+          ```python runnable
+          b = 2
+          ```
+        ~~~python runnable
+        c = 3
+        ~~~
+        """)
+    blocks = runnable_blocks(ROOT / "README.md", text)
+    assert [(block.line, block.code) for block in blocks] == [(2, "a = 1\n"), (14, "b = 2\n"), (17, "c = 3\n")]
+
+
+def test_readme_and_docs_have_runnable_blocks():
+    # Guards the marker itself: a renamed marker would silently turn this whole file into a no-op.
+    documents = {block.document.name for block in BLOCKS}
+    assert "README.md" in documents, "README.md has no ```python runnable block (see docs/development.md)"
+    assert "why-reloads-differ.md" in documents
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("a runnable documentation block must run offline (tests/test_docs.py)")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
+def test_runnable_block(block, tmp_path, monkeypatch, offline):
+    monkeypatch.chdir(tmp_path)  # files a block writes land in a fresh directory
+    namespace = {"__name__": "__main__"}
+    # Padded so that a traceback names the document's own line numbers.
+    code = compile("\n" * (block.line - 1) + block.code, str(block.document), "exec")
+    exec(code, namespace)  # the project's own documentation
+
+
+def test_readme_example_fails_without_peft_buffers(tmp_path, monkeypatch, offline):
+    # The README's first example claims "without enable() this assert fails": stock PEFT loses the BatchNorm
+    # statistics and the trained bias (PEFT #1732, #2099).
+    import peft_buffers
+
+    example = next(block for block in BLOCKS if block.document.name == "README.md")
+    assert "peft_buffers.enable()" in example.code
+    monkeypatch.setattr(peft_buffers, "enable", lambda *args, **kwargs: None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AssertionError):
+        exec(compile(example.code, example.id, "exec"), {"__name__": "__main__"})
+    assert not peft_buffers.is_enabled()
+
+
+LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+
+
+def _prose(text: str) -> str:
+    """``text`` without its fenced blocks (links inside code are not links)."""
+    kept, fence = [], None
+    for line in text.splitlines():
+        match = FENCE.match(line)
+        if fence is None and match:
+            fence = match["fence"]
+        elif fence is not None and match and match["fence"][0] == fence[0] and len(match["fence"]) >= len(fence) \
+                and not match["info"].strip():
+            fence = None
+        elif fence is None:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors for the headings of ``text``: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", _prose(text), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=[str(d.relative_to(ROOT)) for d in DOCUMENTS])
+def test_relative_links_resolve(document):
+    # The README links the docs/ pages and they link each other: a moved or renamed page must not leave a dead link.
+    dead = []
+    for match in LINK.finditer(_prose(document.read_text("utf-8"))):
+        target = match["target"]
+        if re.match(r"^[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path).resolve() if path else document
+        if not linked.exists():
+            dead.append(f"{target}: no file {linked.relative_to(ROOT) if linked.is_relative_to(ROOT) else linked}")
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked.read_text("utf-8")):
+            dead.append(f"{target}: no heading with anchor #{anchor} in {linked.relative_to(ROOT)}")
+    assert not dead, f"{document.relative_to(ROOT)} has dead links:\n" + "\n".join(dead)
