@@ -143,3 +143,19 @@ def vision(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "check")
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 *(session.posargs or ["tests/vision"]), env=INTEGRATION_ENV)
+
+
+# --- TRL (issue 12) ---
+#     nox -s trl                      # SFTTrainer(peft_config=...): save_model + reload bitwise, audit of train()
+# TRL pins checked with PEFT 0.21.2 and the 0.21 line's transformers (its shared base, so no new torch venv).
+TRL_TOOLS = ("trl==1.16.0", "datasets==5.2.0")
+
+
+@nox.session
+def trl(session: nox.Session) -> None:
+    """TRL SFTTrainer with peft_config keeps a trained direct parameter through save_model (issue 12)."""
+    _integration_venv(session, REGISTRY["0.21"].transformers)
+    session.install(*TRL_TOOLS)
+    session.run("python", "-m", "pip", "check")
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                *(session.posargs or ["tests/integrations/test_trl.py"]), env=INTEGRATION_ENV)

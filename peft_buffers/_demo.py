@@ -7,6 +7,7 @@ and with peft_buffers, reloads each onto a fresh base model, and compares logits
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import warnings
@@ -16,7 +17,9 @@ from typing import Optional, TextIO
 import torch
 from torch import nn
 
-__all__ = ["main", "run_demo"]
+__all__ = ["HELP", "add_arguments", "run", "run_demo"]
+
+HELP = "show the problem and the fix on a small ResNet, on CPU"
 
 
 class _Block(nn.Module):
@@ -106,8 +109,24 @@ def run_demo(workdir: Path, steps: int = 5) -> list[dict]:
     return rows
 
 
-def main(argv: list[str], out: Optional[TextIO] = None) -> int:
-    """Run the demo and print the table; exit status 1 if peft_buffers did not give bitwise-equal logits."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo takes no options (``--help`` only).
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser)
+        >>> parser.parse_args([])
+        Namespace()
+    """
+
+
+def run(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    """Run the demo and print the table; exit status 1 if peft_buffers did not give bitwise-equal logits.
+
+    Example (about 10 s, so not run as a doctest; its output is in docs/cli.md)::
+
+        $ python -m peft_buffers demo
+    """
     out = out or sys.stdout
     with tempfile.TemporaryDirectory() as tmp:
         rows = run_demo(Path(tmp))

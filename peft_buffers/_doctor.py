@@ -6,11 +6,16 @@ and every binding site and adapter hook, each patched or not. With ``--deep`` ev
 first, so a module that binds PEFT's state-dict functions but is missing from the registry entry shows up as
 an unpatched binding site.
 
+A path that cannot work with the installed pair is reported as UNUSABLE, with the fix: transformers' own
+adapter methods (``model.add_adapter``, ``load_adapter``, ...) refuse a PEFT older than the installed
+transformers' ``MIN_PEFT_VERSION`` (transformers 5.24 wants PEFT >= 0.22). ``PeftModel`` is not affected.
+
 ``--support-table`` prints the README's table of supported PEFT lines, generated from the registry;
 ``--update-readme`` writes it between the README's markers.
 
-Exit status: 0 when the patch applies cleanly; 1 when it does not (unsupported PEFT, an unpatched site); with
-``--strict`` also 1 when this PEFT release or its transformers is not the pair CI tests.
+Exit status: 0 when the patch applies cleanly (an UNUSABLE transformers-native path included: PEFT's own
+``PeftModel`` path works); 1 when it does not (unsupported PEFT, an unpatched site); with ``--strict`` also 1
+when this PEFT release or its transformers is not the pair CI tests; 2 for a usage error.
 """
 
 from __future__ import annotations
@@ -31,10 +36,26 @@ from typing import Optional
 from packaging.version import Version
 
 from . import __version__, _patch
-from ._errors import PeftBuffersError
-from ._registry import GET, SET, PatchEntry, range_text, readme_with_table, support_table
+from ._errors import CommandError, PeftBuffersError
+from ._integrations.transformers_adapters import mixin_min_peft
+from ._registry import (
+    GET,
+    README_END,
+    README_START,
+    SET,
+    TESTED_TORCH,
+    TRANSFORMERS_REGISTRY,
+    PatchEntry,
+    range_text,
+    readme_with_table,
+    support_table,
+)
 
-__all__ = ["doctor_report", "main"]
+__all__ = ["HELP", "add_arguments", "doctor_report", "run"]
+
+HELP = "versions, registry entry, binding sites; what cannot work with this pair, and the fix"
+NATIVE = "transformers-native adapters"
+_MIXIN_SITE = "transformers.integrations.peft.PeftAdapterMixin."
 
 _PACKAGES = ("torch", "peft", "transformers", "accelerate", "safetensors")
 
@@ -79,12 +100,37 @@ def _entry_summary(entry: PatchEntry) -> dict:
             "transformers": entry.transformers}
 
 
+def _newest_transformers_accepting(peft_version: Version) -> Optional[str]:
+    """The newest transformers release CI tests whose adapter methods accept ``peft_version``."""
+    accepting = [Version(e.tested) for e in TRANSFORMERS_REGISTRY
+                 if e.tested_min_peft is not None and Version(e.tested_min_peft) <= peft_version]
+    return str(max(accepting)) if accepting else None
+
+
+def _unusable_paths(peft_version: Version, transformers: Optional[str]) -> list[dict]:
+    """Paths that raise with this installed pair: transformers' own adapter methods below its minimum PEFT."""
+    minimum = mixin_min_peft() if transformers else None
+    if minimum is None or peft_version >= minimum:
+        return []
+    newest = _newest_transformers_accepting(peft_version)
+    fix = (f"pip install transformers=={newest} (the newest transformers CI tests that accepts peft "
+           f"{peft_version}), or use PEFT's PeftModel (get_peft_model, PeftModel.from_pretrained)"
+           if newest else f"install a transformers release that accepts peft {peft_version}")
+    return [{"path": NATIVE,
+             "reason": f"model.add_adapter, load_adapter, set_adapter, ... raise ValueError: transformers "
+                       f"{transformers} requires peft >= {minimum} (its MIN_PEFT_VERSION), installed peft "
+                       f"{peft_version}",
+             "fix": fix}]
+
+
 def doctor_report(deep: bool = False) -> dict:
     """Versions, the registry entry chosen, and every binding site and hook with its state, as a dict.
 
     Patches PEFT for the duration of the call when it is not patched already (and unpatches it again).
     ``deep=True`` imports every PEFT submodule first, so no binding site can hide in a module not yet imported.
-    ``problems`` lists what stops the patch from working; ``notes`` what CI did not test.
+    ``problems`` lists what stops the patch from working; ``notes`` what CI did not test; ``unusable`` the paths
+    that raise with the installed pair (``path``, ``reason``, ``fix``), whatever peft_buffers does. A hook on such
+    a path has ``"usable": False``.
 
     Example:
         >>> report = doctor_report()
@@ -94,8 +140,12 @@ def doctor_report(deep: bool = False) -> dict:
     versions = {"python": platform.python_version(), "peft_buffers": __version__}
     versions.update({name: _installed(name) for name in _PACKAGES})
     report: dict = {"versions": versions, "entry": None, "tested_release": False, "tested_transformers": False,
-                    "sites": [], "hooks": [], "unpatched": [], "import_failures": [], "problems": [], "notes": []}
+                    "sites": [], "hooks": [], "unpatched": [], "import_failures": [], "problems": [], "notes": [],
+                    "unusable": []}
     peft_version = _patch.installed_peft_version()
+    report["unusable"] = _unusable_paths(peft_version, versions["transformers"])
+    if versions["torch"] is not None and Version(versions["torch"]).public != TESTED_TORCH:
+        report["notes"].append(f"CI tests torch {TESTED_TORCH}, not {versions['torch']}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an untested release is reported below, in notes
@@ -121,6 +171,8 @@ def doctor_report(deep: bool = False) -> dict:
         status = _patch.patch_status()
         for site in status["sites"]:
             name = site["site"].rsplit(".", 1)[-1]
+            if report["unusable"] and site["site"].startswith(_MIXIN_SITE):
+                site = dict(site, usable=False)
             report["sites" if name in (GET, SET) else "hooks"].append(site)
         report["unpatched"] = _still_original()
         report["transformers_hooks"] = status.get("transformers")
@@ -153,43 +205,76 @@ def _format(report: dict) -> str:
                      f"patched):")
         lines += [f"  [{'patched' if s['patched'] else 'NOT PATCHED'}] {s['site']}" for s in report["sites"]]
         lines.append("adapter hooks:")
-        lines += [f"  [{'patched' if s['patched'] else 'NOT PATCHED'}] {s['site']}" for s in report["hooks"]]
+        lines += [f"  [{_hook_state(s)}] {s['site']}" for s in report["hooks"]]
     lines += [f"note: {note}" for note in report["notes"]]
+    for path in report["unusable"]:
+        lines.append(f"UNUSABLE: {path['path']}: {path['reason']}. Fix: {path['fix']}")
     lines += [f"PROBLEM: {problem}" for problem in report["problems"]]
-    lines.append("result: " + ("problems found" if report["problems"] else "OK"))
+    if report["problems"]:
+        lines.append("result: problems found")
+    elif report["unusable"]:
+        lines.append("result: OK for PeftModel; UNUSABLE with this pair: "
+                     + ", ".join(p["path"] for p in report["unusable"]) + " (fix above)")
+    else:
+        lines.append("result: OK")
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m peft_buffers doctor [--json] [--deep] [--strict]``; returns the exit status.
+def _hook_state(site: dict) -> str:
+    if not site["patched"]:
+        return "NOT PATCHED"
+    return "patched, unusable" if site.get("usable") is False else "patched"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--json --deep --strict``, or ``--support-table`` / ``--update-readme [README]`` alone.
 
     Example:
-        >>> main(["--json"])  # doctest: +SKIP
-        0
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser)
+        >>> parser.parse_args(["--update-readme"]).update_readme
+        'README.md'
     """
-    parser = argparse.ArgumentParser(prog="python -m peft_buffers doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--deep", action="store_true", help="import every PEFT submodule before looking")
     parser.add_argument("--strict", action="store_true",
-                        help="also fail unless this peft release and transformers are the pair CI tests")
-    parser.add_argument("--support-table", action="store_true",
-                        help="print the table of supported PEFT lines (Markdown) and exit")
-    parser.add_argument("--update-readme", metavar="README", nargs="?", const="README.md",
-                        help="rewrite the support table between the README's markers (default: README.md) and exit")
-    args = parser.parse_args(argv)
+                        help="also fail (exit 1) unless this peft release and transformers are the pair CI tests")
+    table = parser.add_mutually_exclusive_group()
+    table.add_argument("--support-table", action="store_true",
+                       help="print the table of supported PEFT lines (Markdown) and exit")
+    table.add_argument("--update-readme", metavar="README", nargs="?", const="README.md",
+                       help="rewrite the support table between the README's markers and exit (default: README.md, "
+                            "run from the repository root)")
+
+
+def _update_readme(path: str) -> None:
+    readme = Path(path)
+    if not readme.is_file():
+        raise CommandError(f"{readme} not found (in {Path.cwd()}): --update-readme rewrites the README of a "
+                           f"peft_buffers clone; run it from the repository root or pass the README's path")
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise CommandError(f"{readme} has no {README_START} ... {README_END} markers: is it peft_buffers' README?")
+    readme.write_text(readme_with_table(text), encoding="utf-8")
+    print(f"updated the support table in {readme}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report (or the support table); returns the exit status (see the module docstring).
+
+    Example:
+        >>> run(argparse.Namespace(support_table=True, update_readme=None))  # doctest: +ELLIPSIS
+        | PEFT line | Versions | ...
+        0
+    """
     if args.support_table:
         print(support_table())
         return 0
     if args.update_readme:
-        readme = Path(args.update_readme)
-        readme.write_text(readme_with_table(readme.read_text(encoding="utf-8")), encoding="utf-8")
+        _update_readme(args.update_readme)
         return 0
     report = doctor_report(deep=args.deep)
     print(json.dumps(report, indent=2) if args.json else _format(report))
     failed = bool(report["problems"]) or (args.strict and not (report["tested_release"]
                                                                 and report["tested_transformers"]))
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

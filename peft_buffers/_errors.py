@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ExtraStateMismatch", "IncompatibleExtraState", "PeftBuffersError", "UnsupportedPeftVersion"]
+__all__ = ["CommandError", "ExtraStateMismatch", "IncompatibleExtraState", "PeftBuffersError", "UnsupportedPeftVersion"]
 
 
 class PeftBuffersError(Exception):
@@ -13,6 +13,15 @@ class PeftBuffersError(Exception):
     Example:
         >>> issubclass(UnsupportedPeftVersion, PeftBuffersError)
         True
+    """
+
+
+class CommandError(PeftBuffersError):
+    """A command-line argument the command cannot act on; ``python -m peft_buffers`` prints it and exits 2.
+
+    Example:
+        >>> str(CommandError("README.md not found"))
+        'README.md not found'
     """
 
 

@@ -14,6 +14,7 @@ so a user sees what a file will change before loading it:
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ from typing import Optional, TextIO
 
 from ._state import RUNNING_STAT_NAMES
 
-__all__ = ["AdapterFileSummary", "inspect_adapter", "main"]
+__all__ = ["HELP", "AdapterFileSummary", "add_arguments", "inspect_adapter", "run"]
+
+HELP = "list what adapter file(s) carry, with bytes"
 
 _TUNER_PREFIXES = ("lora_", "hada_", "lokr_", "ia3_", "oft_", "boft_", "vera_", "fourierft_", "ln_tuning_",
                    "vblora_", "hra_", "bone_", "randlora_", "shira_", "c3a_", "road_", "miss_", "waveft_")
@@ -59,19 +62,19 @@ class AdapterFileSummary:
             return sum(i.nbytes for i in infos)
 
         def listed(title: str, infos: list[TensorInfo]) -> list[str]:
-            head = [f"  {title:<21}{len(infos):6d} tensors {total(infos):14,d} bytes"]
+            head = [f"  {title:<21}{_tensors(infos)} {total(infos):14,d} bytes"]
             return head + [f"    {i.key}  {list(i.shape)} {i.dtype}  {i.nbytes:,} bytes" for i in infos]
 
         stats = [i for infos in self.running_stats.values() for i in infos]
         modules = len(self.running_stats)
         lines = [
             f"{self.path}: {self.file_bytes:,} bytes on disk",
-            f"  adapter tensors      {len(self.adapter):6d} tensors {total(self.adapter):14,d} bytes",
+            f"  adapter tensors      {_tensors(self.adapter)} {total(self.adapter):14,d} bytes",
         ]
         if self.peft_base:
             lines += listed("base tensors (PEFT)", self.peft_base)
-        lines.append(f"  running statistics   {len(stats):6d} tensors {total(stats):14,d} bytes "
-                     f"in {modules} module{'' if modules == 1 else 's'}")
+        lines.append(f"  running statistics   {_tensors(stats)} {total(stats):14,d} bytes "
+                     f"in {_plural(modules, 'module')}")
         for module, infos in sorted(self.running_stats.items()):
             present = {i.key.rsplit(".", 1)[1] for i in infos}
             names = ", ".join(n for n in RUNNING_STAT_NAMES if n in present)
@@ -79,6 +82,14 @@ class AdapterFileSummary:
         lines += listed("changed buffers", self.buffers)
         lines += listed("direct parameters", self.direct)
         return "\n".join(lines)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _tensors(infos: list[TensorInfo]) -> str:
+    return f"{len(infos):6d} {'tensor ' if len(infos) == 1 else 'tensors'}"
 
 
 def _read_tensor_infos(path: Path) -> list[TensorInfo]:
@@ -132,6 +143,8 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
         (['bn'], ['base_model.model.fc.lora_A.weight'])
     """
     path = Path(directory)
+    if not path.exists():
+        raise FileNotFoundError("no such file or directory")
     if path.is_dir():
         candidates = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
         found = next((c for c in candidates if c.is_file()), None)
@@ -169,11 +182,30 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
     return summary
 
 
-def main(argv: list[str], out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
-    """Print the summary of each adapter directory; exit status 1 if any cannot be read."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``DIR [DIR ...]``: adapter directories (or adapter files).
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser)
+        >>> parser.parse_args(["a", "b"]).dirs
+        ['a', 'b']
+    """
+    parser.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="an adapter directory (adapter_model.safetensors or .bin inside) or the file itself")
+
+
+def run(args: argparse.Namespace, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+    """Print the summary of each adapter directory; exit status 1 if any cannot be read.
+
+    Example:
+        >>> run(argparse.Namespace(dirs=["/nonexistent"]), err=sys.stdout)
+        peft_buffers inspect: cannot read /nonexistent: no such file or directory
+        1
+    """
     out, err = out or sys.stdout, err or sys.stderr
     status = 0
-    for directory in argv:
+    for directory in args.dirs:
         try:
             print(inspect_adapter(directory).render(), file=out)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way

@@ -106,6 +106,9 @@ _SET_SITES_V13 = _SITES_V06 + ("peft.tuners.xlora.model",)
 _GET_SITES_V18 = _SITES_V06 + ("peft.functional", "peft.tuners.lora.model")
 _SET_SITES_V18 = _SITES_V06 + ("peft.functional", "peft.tuners.xlora.model")
 
+# The torch release every CI session installs (noxfile.py's TORCH; tests/test_packaging.py checks they agree).
+TESTED_TORCH = "2.13.0"
+
 # transformers 5.x removed `HybridCache`, which PEFT 0.16 and 0.17 import at `import peft`; transformers 5.x's
 # Trainer imports `peft.PeftMixedModel`, which PEFT 0.6 lacks. Those lines are tested with the last 4.x release.
 _TRANSFORMERS_4 = "4.57.6"
@@ -257,6 +260,8 @@ class TransformersEntry:
     """The ``PeftAdapterMixin`` hooks for one transformers release range (``tested``: the release CI runs).
 
     ``load_signature``: the leading parameters of ``load_adapter`` the load hook expects; checked at ``enable()``.
+    ``tested_min_peft``: the ``MIN_PEFT_VERSION`` of the ``tested`` release (its mixin refuses older PEFT). doctor
+    reads the installed release's own constant; this one only picks the transformers release to suggest.
 
     Example:
         >>> from packaging.version import Version
@@ -268,6 +273,7 @@ class TransformersEntry:
     tested: str
     hooks: tuple[AdapterHook, ...]
     load_signature: tuple[str, ...] = ()
+    tested_min_peft: Optional[str] = None
 
     def covers(self, version: Version) -> bool:
         return self.versions.contains(version, prereleases=True)
@@ -287,9 +293,9 @@ _LOAD_V5 = ("self", "peft_model_id", "adapter_name", "peft_config", "adapter_sta
 
 TRANSFORMERS_REGISTRY: tuple[TransformersEntry, ...] = (
     TransformersEntry(SpecifierSet(">=4.57.0,<5.0.0"), "4.57.6",
-                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "validate"),), _LOAD_V4),
+                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "validate"),), _LOAD_V4, "0.5.0"),
     TransformersEntry(SpecifierSet(">=5.0.0,<6.0.0"), "5.23.0",
-                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "load"),), _LOAD_V5),
+                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "load"),), _LOAD_V5, "0.20.0"),
 )
 
 
@@ -304,4 +310,4 @@ def transformers_entry_for(version: Version) -> Optional[TransformersEntry]:
     return next((entry for entry in TRANSFORMERS_REGISTRY if entry.covers(version)), None)
 
 
-__all__ += ["TRANSFORMERS_REGISTRY", "TransformersEntry", "transformers_entry_for"]
+__all__ += ["TESTED_TORCH", "TRANSFORMERS_REGISTRY", "TransformersEntry", "transformers_entry_for"]

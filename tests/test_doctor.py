@@ -8,16 +8,22 @@ from __future__ import annotations
 import json
 import sys
 import types
+from importlib.metadata import version
 
 from packaging.version import Version
 
 import peft_buffers
 from peft_buffers import _doctor, _patch
-from peft_buffers._registry import GET, SET, entry_for, readme_with_table, support_table
+from peft_buffers.__main__ import main
+from peft_buffers._registry import GET, SET, TESTED_TORCH, entry_for, readme_with_table, support_table
 
 from ._compat import PEFT_VERSION
 
 ENTRY = entry_for(PEFT_VERSION)
+
+
+def doctor(argv: list[str]) -> int:
+    return main(["doctor", *argv])
 
 
 def test_report_names_the_installed_line_and_every_site_patched():
@@ -49,7 +55,7 @@ def test_an_unsupported_peft_is_a_problem(monkeypatch, capsys):
     assert report["entry"] is None and report["sites"] == []
     assert report["problems"][0].startswith("peft 0.22.0.dev0 is not supported by peft_buffers (supported: "
                                             ">=0.6.0, <0.22.0)")
-    assert _doctor.main([]) == 1
+    assert doctor([]) == 1
     assert capsys.readouterr().out.rstrip().endswith("result: problems found")
 
 
@@ -59,8 +65,8 @@ def test_strict_fails_on_a_release_ci_does_not_test(monkeypatch):
     report = _doctor.doctor_report()
     assert report["tested_release"] is False and report["problems"] == []
     assert f"CI tests the {ENTRY.line}.x line with peft {ENTRY.tested}, not {newer}" in report["notes"]
-    assert _doctor.main([]) == 0
-    assert _doctor.main(["--strict"]) == 1
+    assert doctor([]) == 0
+    assert doctor(["--strict"]) == 1
 
 
 def test_a_module_binding_the_original_function_unlisted_is_found(monkeypatch):
@@ -78,14 +84,15 @@ def test_a_module_binding_the_original_function_unlisted_is_found(monkeypatch):
 
 
 def test_json_output_is_the_report(capsys):
-    assert _doctor.main(["--json"]) == 0
+    assert doctor(["--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["entry"]["line"] == ENTRY.line
     assert printed["versions"]["torch"] is not None
 
 
-def test_text_output_says_whether_ci_tests_this_release(capsys):
-    assert _doctor.main([]) == 0
+def test_text_output_says_whether_ci_tests_this_release(monkeypatch, capsys):
+    monkeypatch.setattr(_doctor, "mixin_min_peft", lambda: None)  # whatever transformers accepts: not this test
+    assert doctor([]) == 0
     out = capsys.readouterr().out
     tested = "yes" if PEFT_VERSION == Version(ENTRY.tested) else "no"
     assert f"  this exact peft release tested in CI: {tested};" in out
@@ -94,10 +101,93 @@ def test_text_output_says_whether_ci_tests_this_release(capsys):
 
 
 def test_support_table_and_readme_update(tmp_path, capsys):
-    assert _doctor.main(["--support-table"]) == 0
+    assert doctor(["--support-table"]) == 0
     assert capsys.readouterr().out == support_table() + "\n"
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- support-table:start -->\nstale\n<!-- support-table:end -->\nafter\n")
-    assert _doctor.main(["--update-readme", str(readme)]) == 0
+    assert doctor(["--update-readme", str(readme)]) == 0
     text = readme.read_text()
     assert text == readme_with_table(text) and "stale" not in text and text.endswith("end -->\nafter\n")
+
+
+# issue 12: doctor tells the truth about pairs that do not work. transformers' PeftAdapterMixin refuses a PEFT
+# older than its MIN_PEFT_VERSION (5.24.0 wants 0.22): the hooks are in place but the path raises.
+def _add_adapter_error() -> str:
+    from tests.integrations._tiny import lora_config, resnet
+
+    try:
+        resnet().add_adapter(lora_config())
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def test_native_adapters_are_unusable_exactly_when_transformers_refuses_this_peft():
+    report = _doctor.doctor_report()
+    error = _add_adapter_error()
+
+    assert bool(report["unusable"]) is bool(error), (report["unusable"], error)
+    assert [path["path"] for path in report["unusable"]] == (["transformers-native adapters"] if error else [])
+    assert report["problems"] == []  # PeftModel's path still works
+
+
+def test_an_unusable_pair_is_reported_with_the_newest_tested_transformers_that_accepts_this_peft(
+        monkeypatch, capsys):
+    from transformers.integrations import peft as integration
+
+    monkeypatch.setattr(integration, "MIN_PEFT_VERSION", "99.0.0")
+    transformers = version("transformers")
+    # The registry: transformers 5.23.0 accepts peft >= 0.20, 4.57.6 accepts >= 0.5.
+    newest = "5.23.0" if PEFT_VERSION >= Version("0.20.0") else "4.57.6"
+
+    report = _doctor.doctor_report()
+
+    assert report["unusable"] == [{
+        "path": "transformers-native adapters",
+        "reason": f"model.add_adapter, load_adapter, set_adapter, ... raise ValueError: transformers {transformers} "
+                  f"requires peft >= 99.0.0 (its MIN_PEFT_VERSION), installed peft {PEFT_VERSION}",
+        "fix": f"pip install transformers=={newest} (the newest transformers CI tests that accepts peft "
+               f"{PEFT_VERSION}), or use PEFT's PeftModel (get_peft_model, PeftModel.from_pretrained)",
+    }]
+    mixin_hooks = [hook for hook in report["hooks"] if hook["site"].startswith("transformers.")]
+    assert mixin_hooks and all(hook["usable"] is False for hook in mixin_hooks)
+    assert doctor([]) == 0
+    out = capsys.readouterr().out
+    assert "  [patched, unusable] transformers.integrations.peft.PeftAdapterMixin.add_adapter\n" in out
+    assert f"UNUSABLE: transformers-native adapters: {report['unusable'][0]['reason']}. Fix: pip install " \
+           f"transformers=={newest} " in out
+    assert out.rstrip().endswith("result: OK for PeftModel; UNUSABLE with this pair: transformers-native adapters "
+                                 "(fix above)")
+
+
+def test_a_transformers_that_accepts_this_peft_is_usable(monkeypatch):
+    from transformers.integrations import peft as integration
+
+    monkeypatch.setattr(integration, "MIN_PEFT_VERSION", str(PEFT_VERSION))
+    report = _doctor.doctor_report()
+    assert report["unusable"] == []
+    assert all("usable" not in hook for hook in report["hooks"])
+
+
+def test_update_readme_outside_the_repository_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert doctor(["--update-readme"]) == 2
+    assert capsys.readouterr().err == (
+        f"python -m peft_buffers doctor: error: README.md not found (in {tmp_path}): --update-readme rewrites the "
+        f"README of a peft_buffers clone; run it from the repository root or pass the README's path\n")
+    (tmp_path / "README.md").write_text("# another project\n")
+    assert doctor(["--update-readme"]) == 2
+    assert capsys.readouterr().err == (
+        "python -m peft_buffers doctor: error: README.md has no <!-- support-table:start --> ... "
+        "<!-- support-table:end --> markers: is it peft_buffers' README?\n")
+    assert (tmp_path / "README.md").read_text() == "# another project\n"
+
+
+def test_a_torch_ci_does_not_test_is_a_note(monkeypatch):  # issue 12: say what is tested
+    installed = _doctor._installed
+    monkeypatch.setattr(_doctor, "_installed", lambda name: "2.4.1+cu121" if name == "torch" else installed(name))
+    report = _doctor.doctor_report()
+    assert f"CI tests torch {TESTED_TORCH}, not 2.4.1+cu121" in report["notes"]
+    monkeypatch.setattr(_doctor, "_installed", lambda name: f"{TESTED_TORCH}+cpu" if name == "torch"
+                        else installed(name))
+    assert not [note for note in _doctor.doctor_report()["notes"] if "torch" in note]

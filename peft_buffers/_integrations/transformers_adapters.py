@@ -29,7 +29,7 @@ from .._registry import AdapterHook, TransformersEntry, transformers_entry_for
 from .._state import TensorPlace
 from .._targets import resolve_target
 
-__all__ = ["plan_transformers_hooks", "transformers_status"]
+__all__ = ["mixin_min_peft", "plan_transformers_hooks", "transformers_status"]
 
 # Prefix PEFT's save adds to every key; transformers' loaders strip it (4.x by hand, 5.x by a weight renaming).
 _SAVED_PREFIX = "base_model.model."
@@ -47,6 +47,25 @@ def transformers_status() -> dict[str, Any]:
         ['hooked', 'reason', 'transformers']
     """
     return dict(_status)
+
+
+def mixin_min_peft() -> Optional[Version]:
+    """The oldest PEFT transformers' own adapter methods accept (``add_adapter``, ``load_adapter``, ...), or None.
+
+    Read from the installed transformers (its ``MIN_PEFT_VERSION``, checked by every ``PeftAdapterMixin``
+    method, which raises ``ValueError`` below it); None when transformers is missing or declares no minimum.
+
+    Example:
+        >>> minimum = mixin_min_peft()
+        >>> minimum is None or minimum >= Version("0.5.0")
+        True
+    """
+    try:
+        from transformers.integrations import peft as integration
+    except ImportError:
+        return None
+    minimum = getattr(integration, "MIN_PEFT_VERSION", None)
+    return Version(minimum) if minimum else None
 
 
 def _installed_transformers() -> Optional[Version]:

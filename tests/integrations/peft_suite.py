@@ -22,6 +22,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
+from typing import Optional
 
 FILES = ("tests/test_custom_models.py", "tests/test_low_level_api.py", "tests/test_other.py",
          "tests/test_initialization.py", "tests/test_mixed.py", "tests/test_trainable_tokens.py")
@@ -90,7 +91,11 @@ def peft_sources(workdir: Path) -> Path:
     return workdir / f"peft-{release}"
 
 
-def run_suite(src: Path, enabled: bool, report: Path) -> None:
+def run_suite(src: Path, enabled: bool, report: Path, baseline: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Run the selection once; print pytest's summary line, saying which failures need the hub; return outcomes.
+
+    With ``baseline`` (the stock run's outcomes) the summary also says whether the same tests failed there.
+    """
     (src / "tests" / "__init__.py").touch()  # the sdist ships the tests without it; they import relatively
     # peft_buffers through a folder that holds only it: the repository root would bring a second `tests`.
     shim = report.parent / "shim"
@@ -104,9 +109,28 @@ def run_suite(src: Path, enabled: bool, report: Path) -> None:
                *[str(src / f) for f in FILES]]
     print(("with peft_buffers: " if enabled else "stock PEFT: ") + " ".join(command[1:]), flush=True)
     done = subprocess.run(command, cwd=src, env=env, capture_output=True, text=True)
-    print("\n".join(done.stdout.splitlines()[-3:]), flush=True)
     if done.returncode not in (0, 1) or not report.exists():  # 2: collection errors, 5: no test ran, ...
         sys.exit(f"pytest exited {done.returncode}:\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
+    found = outcomes(report)
+    lines = done.stdout.splitlines()[-3:]
+    if lines:
+        lines[-1] += _failures_note(found, baseline)
+    print("\n".join(lines), flush=True)
+    return found
+
+
+def _failures_note(found: dict[str, str], baseline: Optional[dict[str, str]]) -> str:
+    """What pytest's "N failed, M errors" are: tests that need the hub (offline here), or others."""
+    failing = {name for name, outcome in found.items() if outcome.startswith("failed")}
+    if not failing:
+        return ""
+    hub = sum(found[name] == "failed (needs the hub)" for name in failing)
+    note = (f"  <- failed + errors: {hub} of {len(failing)} need the hub (offline here)"
+            + (f", {len(failing) - hub} for another reason" if hub < len(failing) else ""))
+    if baseline is not None:
+        same = failing == {name for name, outcome in baseline.items() if outcome.startswith("failed")}
+        note += "; the same tests as on stock PEFT" if same else "; NOT the same tests as on stock PEFT"
+    return note
 
 
 def outcomes(report: Path) -> dict[str, str]:
@@ -134,9 +158,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         src = args.src or peft_sources(work)
-        run_suite(src, False, work / "stock.xml")
-        run_suite(src, True, work / "ours.xml")
-        stock, ours = outcomes(work / "stock.xml"), outcomes(work / "ours.xml")
+        stock = run_suite(src, False, work / "stock.xml")
+        ours = run_suite(src, True, work / "ours.xml", baseline=stock)
     differ = sorted(k for k in stock.keys() | ours.keys() if stock.get(k) != ours.get(k))
     print(f"PEFT {version('peft')}: {len(stock)} tests from {', '.join(FILES)} selected by -k '{SELECT}'")
     for outcome, count in sorted(Counter(stock.values()).items()):
