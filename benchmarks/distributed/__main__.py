@@ -2,9 +2,9 @@
 
 Launches ``worker.py`` the way users launch (``accelerate launch``, ``torchrun``), one launch per scenario, and
 writes ``results.json`` + ``results.md`` (and ``log.txt``, every launch's output) to ``--out``, stamped with
-machine and versions. On CUDA, NCCL; on CPU, gloo, where the path exists (SyncBatchNorm, accelerate's FSDP
-plugin and DeepSpeed need GPUs: they are listed as not run, with the reason). NVLink multicast stays off
-(``NCCL_NVLS_ENABLE=0`` and friends are set for every launch).
+machine and versions. On CUDA, NCCL; on CPU, gloo, where the path exists (SyncBatchNorm and accelerate's FSDP
+plugin need GPUs: they are listed as not run, with the reason; DeepSpeed runs on its CPU accelerator). NVLink
+multicast stays off (``NCCL_NVLS_ENABLE=0`` and friends are set for every launch).
 """
 
 from __future__ import annotations
@@ -77,9 +77,8 @@ def plan(device: str, world: int) -> list:
         _accelerate(world, *FSDP2_FLAGS, "--fsdp_cpu_ram_efficient_loading", "false"),
         ["--scenario", "accelerate_fsdp2"], note)
     importable, version = _deepspeed_importable()
-    skip = (None if importable and device == "cuda" else
-            f"DeepSpeed not importable ({version})" if not importable else
-            "needs CUDA: DeepSpeed's CPU accelerator was not tried")
+    skip = None if importable else (f"DeepSpeed not importable ({version}); it has no wheel on PyPI: build one with "
+                                    "`DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed`")
     add("zero3/accelerate", _accelerate(world, "--use_deepspeed", "--zero_stage", "3", "--zero3_save_16bit_model",
                                         "true", "--zero3_init_flag", "false", "--gradient_accumulation_steps", "1"),
         ["--scenario", "zero3"], skip)
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     env = {**os.environ, **NO_MULTICAST, "MASTER_ADDR": "127.0.0.1", "PYTHONUNBUFFERED": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if args.device == "cpu":
-        env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")  # DeepSpeed: gloo on CPU
     meta = machine_stamp(torch.device(args.device), ["(distributed)", *(argv or sys.argv[1:])])
     meta.update(command="python -m benchmarks.distributed " + " ".join(argv or sys.argv[1:]),
                 world_size=args.world_size, model=model, gpus_visible=torch.cuda.device_count(),

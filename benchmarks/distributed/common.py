@@ -7,6 +7,7 @@ LoRA on every convolution and the stem BatchNorm's affine weight unfrozen (a tra
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -185,12 +186,13 @@ def save_and_check(model: nn.Module, full_state_dict: dict, name: str, device, o
     loads: dict = {v: [] for v in dirs}
     x = eval_images(name).to(device)
     reloaded = {}
+    pristine = resnet(name)  # built once on the CPU (same seed, same weights as training's); copied per load
     for rep in range(1 + reps):  # one warm-up, then interleaved: stock and peft_buffers alike
         for variant in (("stock", "peft_buffers") if rep % 2 else ("peft_buffers", "stock")):
             (peft_buffers.enable if variant == "peft_buffers" else peft_buffers.disable)()
             path = dirs[variant]
             ms, _ = timed(lambda path=path: model.save_pretrained(path, state_dict=full_state_dict), device)
-            base = resnet(name).to(device)
+            base = copy.deepcopy(pristine).to(device)
             load_ms, loaded = timed(lambda path=path, base=base: PeftModel.from_pretrained(base, path), device)
             if rep:
                 saves[variant].append(ms)

@@ -159,23 +159,29 @@ def accelerate_sharded(args) -> None:
     from accelerate import Accelerator
 
     accelerator = Accelerator()
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    # The launcher's ranks (on CPU, accelerate's DeepSpeed path sees one process before DeepSpeed starts gloo).
+    rank, world, _ = common.env_world()
+    device = accelerator.device
     common.deterministic(device.type)
     info = {"scenario": args.scenario, "launcher": "accelerate", "distributed_type":
             accelerator.distributed_type.name, "world_size": world, "device": str(device), "model": args.model,
+            "accelerate_num_processes": accelerator.num_processes,
             "cpu_ram_efficient_loading": os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")}
     model = common.peft_resnet(args.model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=common.LR)
     if accelerator.state.deepspeed_plugin is not None:
+        import deepspeed
+
         size = common.SIZES[args.model]["batch"]
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = size
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        config.update(train_micro_batch_size_per_gpu=size, train_batch_size=size * world)
+        info["deepspeed"] = deepspeed.__version__
     try:
         wrapped, optimizer = accelerator.prepare(model, optimizer)
     except Exception as error:  # the FSDP2 plugin failure the README mentions: record it, don't hide it
         info.update(prepare_failed=f"{type(error).__name__}: {error}", traceback=traceback.format_exc()[-3000:])
         if rank == 0:
             common.write(Path(args.out), info)
-        accelerator.wait_for_everyone()
         return
     common.train(wrapped, optimizer, rank, device, accelerator.backward, args.model)
     unwrapped = accelerator.unwrap_model(wrapped)
@@ -188,7 +194,7 @@ def accelerate_sharded(args) -> None:
                                       live, info)
         info["saved_stats_equal_rank"] = [torch.equal(saved[f"{common.STEM}.running_mean"].cpu(), r) for r in ranks]
         common.write(Path(args.out), info)
-    accelerator.wait_for_everyone()
+    common.barrier()
 
 
 def main() -> None:
