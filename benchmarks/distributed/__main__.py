@@ -46,7 +46,8 @@ def _torchrun(world: int) -> list:
 def _deepspeed_importable() -> tuple:
     done = subprocess.run([sys.executable, "-c", "import deepspeed; print(deepspeed.__version__)"],
                           capture_output=True, text=True)
-    return done.returncode == 0, (done.stdout.strip() or done.stderr.strip().splitlines()[-1:] or ["?"])[-1]
+    lines = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
+    return done.returncode == 0, lines[-1] if lines else "?"
 
 
 FSDP2_FLAGS = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP",
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
             results["runs"].append(entry)
             meta["elapsed_s"] = round(time.perf_counter() - started, 1)
             (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+            (out / "results.md").write_text(render(results))  # a run cut short still leaves its tables
     finally:
         log.close()
         shutil.rmtree(scratch, ignore_errors=True)
