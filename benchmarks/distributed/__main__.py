@@ -113,6 +113,8 @@ def main(argv=None) -> int:
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if args.device == "cpu":
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")  # DeepSpeed: gloo on CPU
+    else:
+        env.setdefault("DS_ACCELERATOR", "cuda")  # a wheel built on a CPU machine must not guess otherwise
     meta = machine_stamp(torch.device(args.device), ["(distributed)", *(argv or sys.argv[1:])])
     meta.update(command="python -m benchmarks.distributed " + " ".join(argv or sys.argv[1:]),
                 world_size=args.world_size, model=model, gpus_visible=torch.cuda.device_count(),
