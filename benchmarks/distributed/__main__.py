@@ -74,9 +74,9 @@ def plan(device: str, world: int) -> list:
     add("accelerate_fsdp2/cpu_ram_efficient_loading=true (accelerate's default)",
         _accelerate(world, *FSDP2_FLAGS, "--fsdp_cpu_ram_efficient_loading", "true", "--fsdp_sync_module_states",
                     "true"), ["--scenario", "accelerate_fsdp2"], note)
-    add("accelerate_fsdp2/cpu_ram_efficient_loading=false",
+    add("accelerate_fsdp2/cpu_ram_efficient_loading=false + get_input_embeddings workaround",
         _accelerate(world, *FSDP2_FLAGS, "--fsdp_cpu_ram_efficient_loading", "false"),
-        ["--scenario", "accelerate_fsdp2"], note)
+        ["--scenario", "accelerate_fsdp2", "--embeddings-workaround"], note)
     importable, version = _deepspeed_importable()
     skip = None if importable else (f"DeepSpeed not importable ({version}); it has no wheel on PyPI: build one with "
                                     "`DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation deepspeed`")

@@ -1,14 +1,20 @@
-"""Minimal reproduction: accelerate's FSDP2 loading of a full state dict fails on any model with buffers.
+"""Minimal reproductions: accelerate 1.15's FSDP2 plugin fails in ``accelerator.prepare`` on BatchNorm models.
 
     torchrun --nproc_per_node 2 benchmarks/distributed/accelerate_fsdp2_repro.py --out DIR    (CPU gloo or GPUs)
 
-``accelerate launch --use_fsdp --fsdp_version 2`` defaults to ``--fsdp_cpu_ram_efficient_loading true``; then
-``accelerator.prepare`` -> ``fsdp2_prepare_model`` -> ``fsdp2_load_full_state_dict``, which reads
-``sharded_param.device_mesh`` for *every* entry of ``model.state_dict()``. ``fully_shard`` turns parameters
-into DTensors but leaves buffers (BatchNorm's ``running_mean``/``running_var``/``num_batches_tracked``) plain
-tensors, so the first buffer raises ``AttributeError: 'Tensor' object has no attribute 'device_mesh'``. No
-PEFT and no peft_buffers are involved: a ``Linear`` + ``BatchNorm1d`` is enough. Workaround: launch with
-``--fsdp_cpu_ram_efficient_loading false`` (``FullyShardedDataParallelPlugin(cpu_ram_efficient_loading=False)``).
+No PEFT and no peft_buffers are involved. ``accelerator.prepare`` -> ``fsdp2_prepare_model`` has two faults,
+called here directly with the few accelerator attributes they read (accelerate enables its FSDP plugin only
+for GPU-like distributed types, so ``Accelerator`` itself cannot be used on CPU):
+
+1. ``fsdp2_prepare_model`` calls ``getattr(model, "get_input_embeddings", lambda: None)()``; transformers 5
+   models without token embeddings (``ResNetForImageClassification``) *raise* ``NotImplementedError`` there,
+   which the ``getattr`` default does not catch. Any cpu_ram_efficient_loading. Workaround:
+   ``model.get_input_embeddings = lambda: None`` before ``prepare``.
+2. With ``--fsdp_cpu_ram_efficient_loading true`` (``accelerate launch``'s default), ``fsdp2_load_full_state_dict``
+   reads ``sharded_param.device_mesh`` for *every* entry of ``model.state_dict()``; ``fully_shard`` leaves
+   buffers (BatchNorm's ``running_mean``/``running_var``/``num_batches_tracked``) plain tensors:
+   ``AttributeError: 'Tensor' object has no attribute 'device_mesh'`` (huggingface/accelerate#3898).
+   Workaround: ``--fsdp_cpu_ram_efficient_loading false``.
 """
 
 from __future__ import annotations
@@ -39,20 +45,50 @@ def main() -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
+    outcomes = {}
+
+    def attempt(name: str, fn) -> None:
+        try:
+            fn()
+            outcomes[name] = "ok"
+        except (AttributeError, NotImplementedError) as error:
+            outcomes[name] = f"{type(error).__name__}: {error}"
+
+    # 1. The loading step alone: a Linear + BatchNorm1d.
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).to(device)
     full_state_dict = model.state_dict()
     fully_shard(model)
     kinds = {k: type(v).__name__ for k, v in model.state_dict().items()}
-    # The only attributes fsdp2_load_full_state_dict reads from the accelerator.
     accelerator = types.SimpleNamespace(is_main_process=rank == 0, device=device)
-    try:
-        fsdp2_load_full_state_dict(accelerator, model, full_state_dict)
-        outcome = "loaded"
-    except AttributeError as error:
-        outcome = f"{type(error).__name__}: {error}"
+    attempt("fsdp2_load_full_state_dict(Linear + BatchNorm1d)",
+            lambda: fsdp2_load_full_state_dict(accelerator, model, full_state_dict))
+
+    # 2. The whole prepare step on a transformers ResNet, as accelerator.prepare runs it.
+    def prepare(cpu_ram_efficient_loading: bool, embeddings_workaround: bool) -> None:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        torch.manual_seed(0)
+        resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+        resnet = resnet.to(device)
+        if embeddings_workaround:
+            resnet.get_input_embeddings = lambda: None
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=cpu_ram_efficient_loading,
+                                                auto_wrap_policy="no_wrap")
+        stub = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                                     parallelism_config=None, mixed_precision="no", is_main_process=rank == 0,
+                                     device=device)
+        fsdp2_prepare_model(stub, resnet)
+
+    for efficient in (False, True):
+        for workaround in (False, True):
+            label = (f"fsdp2_prepare_model(ResNet, cpu_ram_efficient_loading={efficient}"
+                     f"{', get_input_embeddings -> None' if workaround else ''})")
+            attempt(label, lambda efficient=efficient, workaround=workaround: prepare(efficient, workaround))
     info = {"scenario": "accelerate_fsdp2_repro", "accelerate": accelerate_version, "torch": torch.__version__,
             "world_size": dist.get_world_size(), "device": str(device), "state_dict_entry_types": kinds,
-            "fsdp2_load_full_state_dict": outcome}
+            "outcomes": outcomes}
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "result.json").write_text(json.dumps(info, indent=1))

@@ -66,12 +66,12 @@ def render(results: dict) -> str:
                          + " / ".join(run.get("error", [])[-3:]) + "`")
             continue
         if "prepare_failed" in r:
-            notes.append(f"- **{run['name']}**: `accelerator.prepare` failed: `{r['prepare_failed']}`")
+            notes.append(f"- **{run['name']}**: `accelerator.prepare` failed: `{r['prepare_failed'][:300]}`")
             continue
         if r.get("scenario") == "accelerate_fsdp2_repro":
-            notes.append(f"- **{run['name']}** (accelerate {r['accelerate']}, no PEFT): "
-                         f"`fsdp2_load_full_state_dict` on a fully_shard-ed Linear + BatchNorm1d: "
-                         f"`{r['fsdp2_load_full_state_dict']}`")
+            notes.append(f"- **{run['name']}** (accelerate {r['accelerate']}, no PEFT, "
+                         "`benchmarks/distributed/accelerate_fsdp2_repro.py`):")
+            notes += [f"  - `{call}`: `{outcome}`" for call, outcome in r["outcomes"].items()]
             continue
         ref = r.get("stats_vs_reference")
         ref_text = "–" if not ref else (f"{_yes(ref['within_tolerance'])} ({ref['max_rel_diff']:.2e}; "

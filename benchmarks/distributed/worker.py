@@ -168,6 +168,10 @@ def accelerate_sharded(args) -> None:
             "accelerate_num_processes": accelerator.num_processes,
             "cpu_ram_efficient_loading": os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")}
     model = common.peft_resnet(args.model)
+    if args.embeddings_workaround:
+        # accelerate's fsdp2_prepare_model calls get_input_embeddings(), which a transformers ResNet raises from.
+        model.get_input_embeddings = lambda: None
+        info["workaround"] = "model.get_input_embeddings = lambda: None"
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=common.LR)
     if accelerator.state.deepspeed_plugin is not None:
         import deepspeed
@@ -204,6 +208,8 @@ def main() -> None:
     parser.add_argument("--launcher", choices=("accelerate", "torchrun"), default="accelerate")
     parser.add_argument("--model", choices=tuple(common.SIZES), default="tiny")
     parser.add_argument("--reps", type=int, default=5, help="timed save/load repetitions on rank 0")
+    parser.add_argument("--embeddings-workaround", action="store_true",
+                        help="make get_input_embeddings() return None (see accelerate_fsdp2_repro.py)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
