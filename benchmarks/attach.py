@@ -38,8 +38,8 @@ def time_attach(
         "from_pretrained": lambda base: PeftModel.from_pretrained(base, stock_dir),
     }
     runs: dict = {call: {v: [] for v in VARIANTS} for call in calls}
-    for call, fn in calls.items():
-        with timer.session():
+    with timer.session():  # one session: its full collections cost more than a tiny model's calls
+        for call, fn in calls.items():
             for rep in range(warmup + reps):
                 order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]  # alternate who goes first
                 for variant in order:
