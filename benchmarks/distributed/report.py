@@ -46,13 +46,14 @@ def render(results: dict) -> str:
         "the gathered state dict; *= rank 0 live*: equal, bitwise, to rank 0's trained model itself (sharded "
         "models: its forward with every rank taking part). *Stats vs reference*: the file's running statistics "
         "against one process doing the same training (SyncBatchNorm: the ranks' batches concatenated; plain "
-        "BatchNorm: DDP emulated, rank 0's buffers kept); max relative |Δ| and the tolerance.",
+        "BatchNorm: DDP emulated, rank 0's buffers kept): the largest max |Δ| / max |reference| over the "
+        "tensors, and whether all are within the tolerance.",
         "",
         "## Checks",
         "",
         "| run | distributed type | world | stat keys saved | direct param saved | reload = gathered | "
         "reload = rank 0 live | stock reload = rank 0 | file stats vs rank r | ranks' stats after training "
-        "| … after one more DDP forward (eval) | stats vs reference (max rel Δ) |",
+        "| … after one more DDP forward (eval) | stats vs reference (max \\|Δ\\| / max \\|ref\\|) |",
         "|---|---|---:|---:|---|---|---|---|---|---|---|---|",
     ]
     notes = []
