@@ -90,6 +90,15 @@ def _linear_named(*leaves: str) -> Callable[[nn.Module], list]:
     return select
 
 
+def _convs_named(*leaves: str) -> Callable[[nn.Module], list]:
+    def select(model: nn.Module) -> list:
+        return [
+            n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.rsplit(".", 1)[-1] in leaves
+        ]
+
+    return select
+
+
 def _embeddings_module(model: nn.Module) -> list:
     """The module that holds ViT's position embeddings (the workaround saves it whole)."""
     return [n for n, m in model.named_modules() if "position_embeddings" in m._parameters]
@@ -140,6 +149,49 @@ def _vit_b16_384(quick: bool) -> nn.Module:
     else:
         config = ViTConfig(image_size=384, patch_size=16, num_labels=1000)  # defaults: ViT-B (768, 12 layers)
     return ViTForImageClassification(config)
+
+
+class _SNBlock(nn.Module):
+    """A residual block of an SN-GAN discriminator: a spectrally normalised 3×3 conv, then a 1×1 projection."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.spectral_norm(nn.Conv2d(channels, channels, 3, padding=1))
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(F.leaky_relu(self.conv(x), 0.2))
+
+
+class SpectralNormNet(nn.Module):
+    """An SN-GAN-style discriminator used as a classifier: its changed state is spectral norm, not statistics.
+
+    Every train-mode forward runs one power iteration and writes the singular-vector estimates (``_u``/``_v``
+    of ``torch.nn.utils.parametrizations.spectral_norm``, ``weight_u``/``weight_v`` of the old
+    ``torch.nn.utils.spectral_norm`` on the head): persistent buffers that are neither running statistics nor
+    trainable, and that set the effective weights in eval mode.
+    """
+
+    def __init__(self, channels: int, blocks: int, num_labels: int = 10):
+        super().__init__()
+        self.stem = nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, channels, 3, stride=2, padding=1))
+        self.blocks = nn.Sequential(*(_SNBlock(channels) for _ in range(blocks)))
+        self.head = nn.utils.spectral_norm(nn.Linear(channels, num_labels))
+
+    def forward(self, pixel_values: torch.Tensor):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        x = self.blocks(F.leaky_relu(self.stem(pixel_values), 0.2))
+        return ImageClassifierOutput(logits=self.head(x.mean(dim=(2, 3))))
+
+
+def _spectral_norm_net(quick: bool) -> nn.Module:
+    return SpectralNormNet(channels=8, blocks=2) if quick else SpectralNormNet(channels=256, blocks=8)
+
+
+def spectral_norm_module_names(model: nn.Module) -> list:
+    """Modules carrying spectral norm (either API): the ``modules_to_save`` workaround copies them whole."""
+    return [n for n, m in model.named_modules() if hasattr(m, "parametrizations") or hasattr(m, "weight_u")]
 
 
 LLAMA_VOCAB = {"full": 32000, "quick": 512}
@@ -193,6 +245,13 @@ MODELS: tuple = (
         lora_targets=_linear_named("q_proj", "k_proj", "v_proj", "o_proj"), workaround_modules=norm_module_names,
         workaround_note="all RMSNorm layers", dtype=torch.bfloat16, vocab=LLAMA_VOCAB,
         notes="TinyLlama-1.1B shape, bf16 base; LoRA r=16 on q/k/v/o; no extra state",
+    ),
+    ModelSpec(
+        name="spectral_norm", label="SN discriminator", build=_spectral_norm_net, kind="image", image_size=(64, 32),
+        lora_targets=_convs_named("proj"), workaround_modules=spectral_norm_module_names,
+        workaround_note="every spectrally normalised module",
+        notes="SN-GAN-style: 9 spectral-norm convs (parametrizations API) + a spectral-norm head (old API); "
+              "LoRA r=16 on the 1×1 projections; changed state: power-iteration vectors, no running statistics",
     ),
 )
 

@@ -17,6 +17,8 @@ HEADER_SLACK = 4096  # target: file bytes <= stock + extra-tensor bytes + 4 KiB
 LOAD_TOLERANCE, SAVE_TOLERANCE = 0.03, 0.05
 SCALING_LIMIT_MS, SCALING_AT = 20.0, 10_000
 ZERO_EXTRA_MODELS = ("convnext_tiny", "llama_1b")
+ATTACH_LIMIT_MS, ATTACH_MODELS = 5.0, ("llama_1b",)  # issue 9: attaching to the 1.1B bf16 model adds <= 5 ms
+ATTACH_CALLS = {"get_peft_model": "get_peft_model", "from_pretrained": "PeftModel.from_pretrained (stock file)"}
 
 
 def _bytes(n: Optional[int]) -> str:
@@ -100,6 +102,12 @@ def check_targets(results: dict) -> list:
                 f"{ours['extra_bytes_over_stock']:+d} B, identical: {same}", "0 B, identical", same)
         add("reloaded logits equal the trained model's", m["label"], _dlogits(ours.get("max_abs_dlogits")),
             "0", ours.get("max_abs_dlogits") == 0)
+        if m["name"] in ATTACH_MODELS and "attach" in m:
+            for call, label in ATTACH_CALLS.items():
+                overhead = m["attach"][call]["overhead_ms"]
+                add(f"{label}: enable() adds ≤ {ATTACH_LIMIT_MS:g} ms", m["label"],
+                    f"{overhead['median_difference']:+.2f} ms (paired {overhead['paired_median']:+.2f} ms)",
+                    f"≤ {ATTACH_LIMIT_MS:g} ms", overhead["median_difference"] <= ATTACH_LIMIT_MS)
     for entry in results.get("scaling", []):
         if entry["norm_layers"] != SCALING_AT:
             continue
@@ -197,6 +205,30 @@ def readme_table(results: dict) -> list:
     return lines
 
 
+def attach_table(results: dict) -> list:
+    """What enable() adds to building the PEFT model: get_peft_model and from_pretrained, stock vs peft_buffers."""
+    models = [m for m in results["models"] if "attach" in m]
+    if not models:
+        return []
+    lines = [
+        "", "## Attach time", "",
+        "`get_peft_model` on a fresh copy of the base, and `PeftModel.from_pretrained` of the stock file of the "
+        "same trained model, with peft_buffers disabled (stock) and enabled; the copy is made outside the timed "
+        "region. Same file for both, so the difference is what attaching costs.", "",
+        "| model | call | runs | stock ms | peft_buffers ms | overhead (median difference) | paired |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for m in models:
+        for call, label in ATTACH_CALLS.items():
+            entry = m["attach"][call]
+            lines.append(
+                f"| {m['label']} | {label} | {entry['stock']['n']} | {_ms(entry['stock'])} "
+                f"| {_ms(entry['peft_buffers'])} | {entry['overhead_ms']['median_difference']:+.2f} ms "
+                f"| {entry['overhead_ms']['paired_median']:+.2f} ms |"
+            )
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     meta, settings = results["meta"], results["settings"]
     lines = ["# peft_buffers benchmarks", ""]
@@ -231,13 +263,15 @@ def render_markdown(results: dict) -> str:
         inputs = (f"{m['train_batch']}×{m['image_size']}² px" if "image_size" in m
                   else f"{m['train_batch']}×{m['seq_len']} tokens")
         carried = (f"{extra.get('running_stat_tensors', 0)} running-stat tensors, "
-                   f"{extra.get('direct_param_tensors', 0)} direct params")
+                   f"{extra.get('direct_param_tensors', 0)} direct params, "
+                   f"{extra.get('other_buffer_tensors', 0)} other buffers")
         lines.append(
             f"| {m['label']} | {m['base_params']:,} | {m['dtype']} | {inputs} | r={m['lora_r']} on "
             f"{m['lora_targets']} modules | {m['workaround_modules']} ({m['workaround_note']}) | {carried} "
             f"| {_bytes(extra.get('tensor_bytes'))} | {_bytes(_header_alone(extra))} "
             f"| {extra.get('identical_to_stock_save', '–')} |"
         )
+    lines += attach_table(results)
     if results.get("scaling"):
         lines += [
             "", "## Scaling: synthetic model with N BatchNorm1d layers", "",

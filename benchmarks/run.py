@@ -23,6 +23,7 @@ from torch import nn
 
 import peft_buffers
 
+from .attach import time_attach
 from .env import Timer, summarize, sync
 from .models import ModelSpec, NormStack, logits_of, loss_of
 
@@ -231,6 +232,13 @@ def run_model(
                 del loaded, base
     _log(f"{spec.label}: loads timed")
 
+    if "stock" in strategies and "peft_buffers" in strategies:
+        # The quick (CI smoke) run times attach once, without warm-up: it only has to work.
+        record["attach"] = time_attach(pristine, lambda base: _lora_config(spec, base, "stock"), paths["stock"],
+                                       device, 1 if quick else reps, 0 if quick else warmup,
+                                       set_peft_buffers)
+        _log(f"{spec.label}: attach timed")
+
     for strategy in strategies:
         entry = record["strategies"][strategy]
         entry["save_ms"] = summarize(save_runs[strategy])
@@ -253,7 +261,9 @@ def _extra_state_accounting(spec: ModelSpec, record: dict, trained: dict, paths:
     model = trained["peft_buffers"]
     extra = peft_buffers.extra_state_dict(model)
     stats = {k: v for k, v in extra.items() if k.rsplit(".", 1)[-1] in RUNNING_STAT_NAMES}
-    direct = {k: v for k, v in extra.items() if k not in stats}
+    parameter_names = {name for name, _ in model.named_parameters()}
+    direct = {k: v for k, v in extra.items() if k not in stats and k in parameter_names}
+    buffers = {k: v for k, v in extra.items() if k not in stats and k not in direct}
     extra_bytes = sum(v.numel() * v.element_size() for v in extra.values())
 
     # The same trained model saved by stock PEFT: what peft_buffers adds is exactly the difference.
@@ -269,6 +279,7 @@ def _extra_state_accounting(spec: ModelSpec, record: dict, trained: dict, paths:
         "running_stat_tensors": len(stats),
         "direct_param_tensors": len(direct),
         "direct_params": sorted(direct),
+        "other_buffer_tensors": len(buffers),  # changed buffers that are not running statistics (issue 9)
         "tensor_bytes": extra_bytes,
         "standalone_safetensors_bytes": os.path.getsize(standalone),
         "stock_save_of_same_model_bytes": stock_same_model,

@@ -63,3 +63,26 @@ def test_fsdp2_full_state_dict_carries_the_extra_state(tmp_path):
                     tmp_path, "--fully-shard")
     assert result["distributed_type"] == "FSDP2 fully_shard"
     check(result)
+
+
+# https://github.com/huggingface/peft/issues/1732, as the README states it for DDP (issue 13): the file holds
+# rank 0's statistics (what one process emulating DDP ends with), the other ranks' differ after training, and
+# DDP's next forward broadcasts rank 0's buffers to them.
+def test_plain_batchnorm_under_ddp_saves_rank0_statistics_and_ddp_broadcasts_them(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "benchmarks.distributed", "--device", "cpu", "--world-size", str(RANKS),
+               "--only", "ddp_bn/torchrun", "--reps", "1", "--out", str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [run] = json.loads((tmp_path / "results.json").read_text())["runs"]
+    result = run["result"]
+    assert result["world_size"] == RANKS
+    assert result["saved_stat_keys"] == result["base_stat_modules"] == 8
+    assert result["saved_direct_parameter"]
+    assert result["reload_equals_gathered_state"] and result["reload_equals_rank0_live"]
+    assert not result["stock_reload_equals_rank0"]  # the same save without peft_buffers: the control
+    assert result["saved_stats_equal_rank"] == [True, False]
+    assert result["stats_vs_reference"]["within_tolerance"]
+    assert result["ranks_equal_after_training"] is False
+    assert result["ranks_equal_after_one_more_ddp_forward"] is True
