@@ -1,4 +1,4 @@
-"""Command line: ``python -m peft_buffers {demo,inspect,doctor}``."""
+"""Command line: ``python -m peft_buffers {demo,inspect,doctor,convert}``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     inspect_parser = commands.add_parser("inspect", help="list what adapter file(s) carry, with bytes")
     inspect_parser.add_argument("dirs", nargs="+", metavar="DIR")
     commands.add_parser("doctor", help="versions, registry entry, binding sites")
+    # convert parses its own arguments (peft_buffers/_convert.py): SRC --to-peft VERSION (--out DST | --check)
+    commands.add_parser("convert", add_help=False, help="rewrite an adapter folder so an older PEFT release loads it")
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from ._demo import main as demo
@@ -29,6 +31,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         from ._inspect import main as inspect
 
         return inspect(args.dirs)
+    if args.command == "convert":
+        from ._convert import main as convert
+
+        return convert(rest)
     from ._doctor import main as doctor
 
     return doctor(rest)
