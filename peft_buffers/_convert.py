@@ -136,12 +136,20 @@ def _plan(config: dict[str, Any], config_path: str, target: str) -> tuple[list[C
             drops.append(ConfigChange(config_path, name, value, "metadata, no effect on the adapter"))
             continue
         since, default = _first_line_with(history, target)
-        if json.dumps(value, sort_keys=True) == json.dumps(default, sort_keys=True):
-            drops.append(ConfigChange(config_path, name, value, f"the default; first in PEFT {since}"))
+        if since is None:  # the field was dropped before the target: compare with its last default
+            since = [line for line in data.LINES if default_on(history, line) != data.ABSENT and
+                     Version(line) < Version(target)][-1]
+            default = default_on(history, since)
+            known = status = f"no longer in PEFT {target} (last in PEFT {since})"
+            support = f"<= {since}"
         else:
-            problems.append(f"{config_path}: field {name} = {json.dumps(value)} is first supported by PEFT {since} "
+            known, status, support = f"first in PEFT {since}", f"first supported by PEFT {since}", f">= {since}"
+        if json.dumps(value, sort_keys=True) == json.dumps(default, sort_keys=True):
+            drops.append(ConfigChange(config_path, name, value, f"the default; {known}"))
+        else:
+            problems.append(f"{config_path}: field {name} = {json.dumps(value)} is {status} "
                             f"(default there: {json.dumps(default)}); PEFT {target} does not know it and the "
-                            f"adapter would compute differently without it. Load it on PEFT >= {since}")
+                            f"adapter would compute differently without it. Load it on PEFT {support}")
     return drops, problems
 
 

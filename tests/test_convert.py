@@ -191,3 +191,16 @@ def test_a_peft_type_the_target_dropped_is_refused(tmp_path):
     assert str(refused.value).splitlines()[1] == (
         "- adapter_config.json: peft_type BONE (BoneConfig) is not in PEFT 0.21 (last in PEFT 0.18). Load it on "
         "PEFT <= 0.18")
+
+
+def test_a_field_the_target_no_longer_has_is_dropped_at_its_last_default_or_refused(tmp_path):
+    # OFTConfig.alpha_pattern: PEFT 0.7 ... 0.14 (default {}), gone from 0.15 on.
+    report = convert(write_adapter(tmp_path / "a", {"peft_type": "OFT", "alpha_pattern": {}}), "0.21", check=True)
+    assert [str(change) for change in report.dropped] == [
+        "adapter_config.json: drop alpha_pattern = {} (the default; no longer in PEFT 0.21 (last in PEFT 0.14))"]
+    with pytest.raises(ConversionRefused) as refused:
+        convert(write_adapter(tmp_path / "b", {"peft_type": "OFT", "alpha_pattern": {"x": 2}}), "0.21", check=True)
+    assert str(refused.value).splitlines()[1] == (
+        '- adapter_config.json: field alpha_pattern = {"x": 2} is no longer in PEFT 0.21 (last in PEFT 0.14) '
+        "(default there: {}); PEFT 0.21 does not know it and the adapter would compute differently without it. "
+        "Load it on PEFT <= 0.14")
