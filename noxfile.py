@@ -159,3 +159,59 @@ def trl(session: nox.Session) -> None:
     session.run("python", "-m", "pip", "check")
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 *(session.posargs or ["tests/integrations/test_trl.py"]), env=INTEGRATION_ENV)
+
+
+# --- pinned-version deployments (issue 12) ---
+#     nox -s config_fields    # regenerate peft_buffers/_config_fields.py from every line's tested release
+#     nox -s crossversion     # files saved on each line load bitwise on every other line (convert where needed)
+# Both reuse the compat venvs (.nox/compat-<line>, e.g. .nox/compat-0-13) and build what is missing the same way,
+# then run one process per line and step, not one per pair (a process start with torch costs seconds).
+CROSSVERSION_DIR = ROOT / ".nox" / "crossversion"
+
+
+def _line_python(session: nox.Session, line: str) -> str:
+    """The python of line's compat venv (nox names it `compat-<line>`), built as `compat` builds it if missing."""
+    entry = REGISTRY[line]
+    venv = ROOT / ".nox" / ("compat-" + line.replace(".", "-"))
+    python = venv / "bin" / "python"
+    base = _shared_base(session, entry.transformers)
+    probe = "import importlib.metadata as m; print(m.version('peft'))"
+    if python.exists():
+        installed = session.run(str(python), "-c", probe, external=True, silent=True, success_codes=[0, 1])
+        if installed and installed.strip().splitlines()[-1] == entry.tested:
+            return str(python)
+    session.log(f"building {venv.name} (peft=={entry.tested}, shared base {base.parent.parent.parent.name})")
+    session.run(sys.executable, "-m", "virtualenv", "-q", "--clear", str(venv), external=True)
+    session.run(str(python), "-m", "pip", "install", "-q", "--no-deps", f"peft=={entry.tested}", external=True)
+    purelib = session.run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                          external=True, silent=True)
+    (Path(purelib.strip()) / "_peft_buffers_shared_base.pth").write_text(f"{base}\n")
+    session.run(str(python), "-m", "pip", "check", external=True, silent=True)
+    return str(python)
+
+
+@nox.session(python=False)
+def config_fields(session: nox.Session) -> None:
+    """Regenerate peft_buffers/_config_fields.py: each config class's fields per line's tested release."""
+    dumps = CROSSVERSION_DIR / "config_fields"
+    dumps.mkdir(parents=True, exist_ok=True)
+    for line in REGISTRY:
+        session.run(_line_python(session, line), "-m", "peft_buffers._fieldscan", "--dump",
+                    str(dumps / f"{line}.json"), external=True, env=INTEGRATION_ENV)
+    newest = _line_python(session, list(REGISTRY)[-1])
+    session.run(newest, "-m", "peft_buffers._fieldscan", "--write", str(dumps), external=True, env=INTEGRATION_ENV)
+
+
+@nox.session(python=False)
+def crossversion(session: nox.Session) -> None:
+    """Files saved on each line's tested release load bitwise on every other line (`convert` where needed).
+
+    ``nox -s crossversion -- 0.6 0.13 0.21`` runs only those lines.
+    """
+    import json
+
+    lines = session.posargs or list(REGISTRY)
+    pythons = {line: _line_python(session, line) for line in lines}
+    env = {**INTEGRATION_ENV, "PEFT_BUFFERS_CROSSVERSION": json.dumps(pythons)}
+    session.run(pythons[max(lines, key=lambda line: tuple(map(int, line.split("."))))], "-m", "pytest", "-q", "-s",
+                "-p", "no:cacheprovider", "tests/crossversion", external=True, env=env)

@@ -14,11 +14,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
-from . import __version__, _demo, _doctor, _inspect
+from . import __version__, _convert, _demo, _doctor, _inspect
 from ._errors import CommandError
 
 # Order of the list in --help.
-COMMANDS: dict[str, ModuleType] = {"demo": _demo, "inspect": _inspect, "doctor": _doctor}
+COMMANDS: dict[str, ModuleType] = {"demo": _demo, "inspect": _inspect, "doctor": _doctor, "convert": _convert}
 
 PROG = "python -m peft_buffers"
 SCRIPT = "peft-buffers"  # the console script (setup.cfg's entry point): its usage lines name it instead

@@ -311,3 +311,27 @@ def transformers_entry_for(version: Version) -> Optional[TransformersEntry]:
 
 
 __all__ += ["TESTED_TORCH", "TRANSFORMERS_REGISTRY", "TransformersEntry", "transformers_entry_for"]
+
+
+# ------------------------------------------------------------------ adapter-config fields per line (issue 12)
+# Which adapter_config.json fields each line's config classes accept, with their defaults, is generated data:
+# `peft_buffers/_config_fields.py` (`nox -s config_fields`), read by `python -m peft_buffers convert`. It is
+# loaded on first use so that this module stays importable on its own (noxfile.py loads it without the package).
+
+# Fields that say how a file was written, not how the adapter computes: convert drops them whatever they hold.
+CONFIG_METADATA_FIELDS = ("peft_version",)
+
+
+def config_fields_data():
+    """The generated module: ``LINES``, ``PEFT_TYPES`` and ``FIELDS`` (per-line histories; see its docstring).
+
+    Example:
+        >>> config_fields_data().FIELDS["LoraConfig"]["use_dora"]  # first in 0.9, default False
+        (('0.9', False),)
+    """
+    from . import _config_fields
+
+    return _config_fields
+
+
+__all__ += ["CONFIG_METADATA_FIELDS", "config_fields_data"]
