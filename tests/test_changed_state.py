@@ -133,7 +133,7 @@ def saved(path):
 def test_buffers_training_moves_travel(enabled, tmp_path, name, expected):
     model = lora(name)
     train(model, name)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     keys = set(saved(tmp_path)) - {k for k in saved(tmp_path) if "lora_" in k}
     assert {PREFIX + k for k in expected} <= keys
     assert same_output(reload(name, tmp_path), model, name)
@@ -143,7 +143,7 @@ def test_buffers_training_moves_travel(enabled, tmp_path, name, expected):
 def test_without_peft_buffers_those_buffers_are_lost(stock, tmp_path, name):
     model = lora(name)
     train(model, name)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     assert not same_output(reload(name, tmp_path), model, name)
 
 
@@ -153,7 +153,7 @@ def test_a_refrozen_direct_parameter_still_travels(enabled, tmp_path):
     pos_embed.requires_grad_(True)
     train(model, "features")
     pos_embed.requires_grad_(False)  # frozen again before export: today's users do this
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     assert PREFIX + "pos_embed" in saved(tmp_path)
     assert same_output(reload("features", tmp_path), model, "features")
 
@@ -163,7 +163,7 @@ def test_without_peft_buffers_a_refrozen_parameter_is_lost(stock, tmp_path):
     model.get_base_model().pos_embed.requires_grad_(True)
     train(model, "features")
     model.get_base_model().pos_embed.requires_grad_(False)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     assert not same_output(reload("features", tmp_path), model, "features")
 
 
@@ -176,7 +176,7 @@ def test_training_through_forward_features_keeps_base_values(enabled, tmp_path):
     for adapter, seed in (("first", 1), ("second", 7)):
         model.set_adapter(adapter)
         train(model, "features", entry=base_model.forward_features, seed=seed)
-    model.save_pretrained(tmp_path)  # PEFT writes a non-default adapter to tmp_path / <name>
+    model.save_pretrained(tmp_path, safe_serialization=True)  # PEFT writes a non-default adapter to tmp_path / <name>
     files = {adapter: saved(tmp_path / adapter) for adapter in ("first", "second")}
     key = PREFIX + "bn.running_mean"
     assert not torch.equal(files["first"][key], files["second"][key])
@@ -197,16 +197,16 @@ def test_frozen_batchnorm_in_eval_mode_saves_no_statistics(enabled, tmp_path):
     model(inputs("features")).pow(2).mean().backward()
     optimizer.step()
     model.eval()
-    model.save_pretrained(tmp_path / "ours")
+    model.save_pretrained(tmp_path / "ours", safe_serialization=True)
     peft_buffers.disable()
-    model.save_pretrained(tmp_path / "stock")
+    model.save_pretrained(tmp_path / "stock", safe_serialization=True)
     assert (tmp_path / "ours" / ADAPTER_FILE).read_bytes() == (tmp_path / "stock" / ADAPTER_FILE).read_bytes()
 
 
 def test_a_cast_after_wrapping_is_not_a_change(enabled, tmp_path):
     model = lora("features")
     model.double()  # cast after wrapping: every base tensor's bytes differ, none was trained
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     assert {k for k in saved(tmp_path) if "lora_" not in k} == set()
 
 
@@ -214,7 +214,7 @@ def test_merged_weights_are_not_saved(enabled, tmp_path):
     model = lora("features")
     train(model, "features")
     model.merge_adapter()  # PEFT itself changes the base weight
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     extra = {k for k in saved(tmp_path) if "lora_" not in k}
     assert extra == {PREFIX + f"bn.{b}" for b in ("running_mean", "running_var", "num_batches_tracked")}
 
@@ -227,10 +227,10 @@ def test_training_while_no_adapter_is_active_warns_naming_the_tensors(enabled, t
         model(inputs("features"))
         model.eval()
     with pytest.warns(UserWarning, match=r"changed while no adapter was active.*bn\.running_mean"):
-        model.save_pretrained(tmp_path)
+        model.save_pretrained(tmp_path, safe_serialization=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once, not at every save
-        model.save_pretrained(tmp_path / "again")
+        model.save_pretrained(tmp_path / "again", safe_serialization=True)
 
 
 def test_a_parameter_changed_outside_an_optimizer_is_saved_and_said(enabled, tmp_path):
@@ -238,7 +238,7 @@ def test_a_parameter_changed_outside_an_optimizer_is_saved_and_said(enabled, tmp
     with torch.no_grad():
         model.get_base_model().pos_embed.add_(1.0)  # an in-place edit no optimizer saw
     with pytest.warns(UserWarning, match=r"outside an optimizer.*pos_embed"):
-        model.save_pretrained(tmp_path)
+        model.save_pretrained(tmp_path, safe_serialization=True)
     assert PREFIX + "pos_embed" in saved(tmp_path)
     assert same_output(reload("features", tmp_path), model.eval(), "features")
 
@@ -248,7 +248,7 @@ def test_enable_after_creation_falls_back_to_all_statistics_and_says_so(tmp_path
     train(model, "features")
     peft_buffers.enable()
     with pytest.warns(UserWarning, match="first time at save"):
-        model.save_pretrained(tmp_path)
+        model.save_pretrained(tmp_path, safe_serialization=True)
     assert same_output(reload("features", tmp_path), model, "features")
 
 
@@ -285,7 +285,32 @@ def test_llm_and_convnext_files_are_byte_identical_to_stock(enabled, tmp_path, m
         model(**batch()).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.save_pretrained(tmp_path / "ours")
+    model.save_pretrained(tmp_path / "ours", safe_serialization=True)
     peft_buffers.disable()
-    model.save_pretrained(tmp_path / "stock")
+    model.save_pretrained(tmp_path / "stock", safe_serialization=True)
     assert (tmp_path / "ours" / ADAPTER_FILE).read_bytes() == (tmp_path / "stock" / ADAPTER_FILE).read_bytes()
+
+
+def test_a_direct_parameter_survives_add_adapter_freezing_it(enabled, tmp_path):
+    # PEFT 0.6-0.20's add_adapter sets requires_grad=False on every base parameter: the first adapter's trained
+    # pos_embed must still be its own (found by the cross-version matrix, issue 12).
+    model = lora("features")
+    model.get_base_model().pos_embed.requires_grad_(True)
+    train(model, "features")
+    expected = model(inputs("features", 99)).detach()
+    lora("features", "second", model)
+    model.set_adapter("second")
+    train(model, "features", seed=5)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert PREFIX + "pos_embed" in saved(tmp_path)
+    assert torch.equal(reload("features", tmp_path)(inputs("features", 99)), expected)
+
+
+def test_disable_adapter_shows_the_base_value_of_a_trained_direct_parameter(enabled):
+    model = lora("features")
+    model.get_base_model().pos_embed.requires_grad_(True)
+    train(model, "features")
+    with model.disable_adapter():
+        assert torch.equal(model.get_base_model().pos_embed, torch.zeros(1, 6, 1, 1))
+        assert same_output(model, MODELS["features"][0]().eval(), "features")
+    assert not torch.equal(model.get_base_model().pos_embed, torch.zeros(1, 6, 1, 1))

@@ -14,10 +14,10 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from tests._atomic import assert_unchanged, model_fingerprint
-from tests.test_mixed_configs import config, make, out, train
+from tests.test_mixed_configs import config, make, out, requires_mixed_modules_to_save, train
 
 ADAPTER_FILE = "adapter_model.safetensors"
-NAMES = ("A", "B", "C")  # LoRA on fc1 + direct mid.weight; LoRA on mid; LoRA on head + modules_to_save bn2
+NAMES = ("one", "two", "three")  # LoRA on fc1 + direct mid.weight; LoRA on mid; LoRA on head + modules_to_save bn2
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +33,24 @@ def files(tmp_path_factory):
             model = get_peft_model(make(), config(name), adapter_name=name)
             train(model, name, seed=10 * seed)
             expected[name] = out(model)
-            model.save_pretrained(root, selected_adapters=[name])
+            model.save_pretrained(root, selected_adapters=[name], safe_serialization=True)
     finally:
         peft_buffers.disable()
     broken = {}
-    data = (root / "A" / ADAPTER_FILE).read_bytes()
+    data = (root / "one" / ADAPTER_FILE).read_bytes()
     for label, mutate in {
         "truncated": lambda b: b[: len(b) * 2 // 3],
         "empty": lambda b: b"",
         "header-too-large": lambda b: (10**9).to_bytes(8, "little") + b[8:],
     }.items():
-        shutil.copytree(root / "A", root / label)
+        shutil.copytree(root / "one", root / label)
         (root / label / ADAPTER_FILE).write_bytes(mutate(data))
         broken[label] = root / label
     for label, source, change in (
-        ("wrong-shape-lora", "A", lambda t: t.__setitem__(_key(t, "lora_A"), torch.zeros(3, 3))),
-        ("wrong-shape-stat", "A", lambda t: t.__setitem__("base_model.model.bn1.running_mean", torch.zeros(3))),
-        ("wrong-shape-saved-module", "C", lambda t: t.__setitem__("base_model.model.bn2.weight", torch.zeros(3))),
-        ("ghost-key", "B", lambda t: t.__setitem__("base_model.model.ghost.weight", torch.zeros(3))),
+        ("wrong-shape-lora", "one", lambda t: t.__setitem__(_key(t, "lora_A"), torch.zeros(3, 3))),
+        ("wrong-shape-stat", "one", lambda t: t.__setitem__("base_model.model.bn1.running_mean", torch.zeros(3))),
+        ("wrong-shape-saved-module", "three", lambda t: t.__setitem__("base_model.model.bn2.weight", torch.zeros(3))),
+        ("ghost-key", "two", lambda t: t.__setitem__("base_model.model.ghost.weight", torch.zeros(3))),
     ):
         shutil.copytree(root / source, root / label)
         tensors = load_file(str(root / label / ADAPTER_FILE))
@@ -92,7 +92,7 @@ def _step(model, rng, root, expected, broken, tmp_path, log):
     elif op == "save":
         name = rng.choice(loaded)
         target = tmp_path / f"save{len(log)}"
-        model.save_pretrained(target, selected_adapters=[name])
+        model.save_pretrained(target, selected_adapters=[name], safe_serialization=True)
         single = PeftModel.from_pretrained(make(), target / name, adapter_name=name).eval()
         assert torch.equal(out(single), expected[name]), log + [f"save {name}, reloaded alone"]
         log.append(f"save {name}")
@@ -109,6 +109,7 @@ def _step(model, rng, root, expected, broken, tmp_path, log):
     assert torch.equal(out(model), expected[active]), log
 
 
+@requires_mixed_modules_to_save
 @pytest.mark.parametrize("seed", range(6))
 def test_random_sequences_keep_every_adapter_exact(enabled, files, tmp_path, seed):
     root, expected, broken = files
@@ -128,7 +129,7 @@ def test_from_pretrained_of_a_broken_file_leaves_the_base_as_it_was(enabled, fil
     base = make().eval()
     before = model_fingerprint(base)
     with pytest.raises(Exception) as info:  # noqa: B017 - each broken file fails its own way
-        PeftModel.from_pretrained(base, broken[label], adapter_name="A")
+        PeftModel.from_pretrained(base, broken[label], adapter_name="one")
     assert_unchanged(before, base)
     assert str(broken[label]) in str(info.value) or any(str(broken[label]) in n
                                                         for n in getattr(info.value, "__notes__", ()))
