@@ -26,6 +26,7 @@ non-``_modules`` references.
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import sys
 import threading
@@ -53,7 +54,10 @@ def _copy_container(value: Any) -> Any:
 
 
 def _refill(container: Any, saved: Any) -> None:
-    container.clear()
+    if container:
+        container.clear()
+    if not saved:
+        return
     if isinstance(container, list):
         container.extend(saved)
     else:
@@ -66,7 +70,9 @@ class _ModuleState:
     def __init__(self, module: nn.Module):
         self.module = module
         self.attrs = dict(module.__dict__)
-        self.contents = [(v, _copy_container(v)) for v in self.attrs.values() if isinstance(v, _CONTAINERS)]
+        # most containers (hook dicts) are empty: nothing to copy, restoring them is clearing them
+        self.contents = [(v, _copy_container(v) if v else None) for v in self.attrs.values()
+                         if isinstance(v, _CONTAINERS)]
 
     def restore(self) -> None:
         live = self.module.__dict__
@@ -80,6 +86,17 @@ class _ModuleState:
 
 
 _MISSING = object()
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _resolve(module: nn.Module, key: str) -> tuple[Optional[nn.Module], Optional[str]]:
@@ -145,6 +162,10 @@ class Transaction:
         self._requires_grad: list[tuple[torch.Tensor, bool]] = []
         self._restorers: list[Callable[[], None]] = []
         self._shadowed: list[tuple[nn.Module, Any]] = []
+        with _no_gc():  # thousands of small copies would trigger full collections of a large heap
+            self._snapshot(root)
+
+    def _snapshot(self, root: nn.Module) -> None:
         seen_params: set[int] = set()
         seen_hooks: set[int] = set()
         for module in root.modules():
@@ -234,20 +255,18 @@ class Transaction:
 class _Interceptor:
     """Shadows ``module.load_state_dict`` during a transaction: protect and check, then delegate."""
 
-    __slots__ = ("transaction", "module", "original", "signature")
+    __slots__ = ("transaction", "module", "original")
 
     def __init__(self, transaction: Transaction, module: nn.Module, original: Callable):
         self.transaction, self.module, self.original = transaction, module, original
-        try:
-            self.signature: Optional[inspect.Signature] = inspect.signature(original)
-        except (TypeError, ValueError):
-            self.signature = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state_dict = args[0] if args else kwargs.get("state_dict", {})
         assign = False
-        if self.signature is not None:
-            assign = bool(self.signature.bind_partial(*args, **kwargs).arguments.get("assign", False))
+        try:  # only when called: inspecting every module's signature up front would cost more than a load
+            assign = bool(inspect.signature(self.original).bind_partial(*args, **kwargs).arguments.get("assign"))
+        except (TypeError, ValueError):
+            pass
         self.transaction._before_load(self.module, state_dict, assign)
         return self.original(*args, **kwargs)
 
