@@ -25,6 +25,7 @@ from peft_buffers._transaction import active_transaction, atomic, run_atomically
 from tests.zoo import MixedNorms
 
 from ._atomic import assert_changed, assert_unchanged, model_fingerprint
+from ._compat import requires_low_cpu_mem_usage
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -405,3 +406,37 @@ def test_a_failing_rollback_raises_rollback_failed():
     assert isinstance(raised.value.original, ZeroDivisionError)
     assert isinstance(raised.value.__cause__, OSError)
 
+
+
+# https://github.com/huggingface/peft_buffers/issues/10 (§1): low_cpu_mem_usage=True loads (assign=True, meta init)
+@requires_low_cpu_mem_usage
+@pytest.mark.parametrize("case", [truncated, wrong_shape_lora_weight, wrong_shape_modules_to_save_statistic,
+                                  wrong_shape_into_existing_adapter], ids=lambda c: c.__name__)
+def test_failed_low_cpu_mem_usage_load_leaves_model_unchanged(tmp_path, case):
+    spec = SPECS["net"]
+    expected = case(spec, tmp_path)
+    model = model_with_default(spec)
+    before = model_fingerprint(model)
+
+    with pytest.raises(expected):
+        run_atomically(model, lambda: model.load_adapter(tmp_path, _adapter_name(case), low_cpu_mem_usage=True))
+
+    assert_unchanged(before, model)
+
+
+# https://github.com/huggingface/peft_buffers/issues/10: prompt learning loads through the prompt encoder's own
+# load_state_dict (a submodule): intercepted and checked there too
+def test_prompt_learning_load_is_checked_in_the_prompt_encoder():
+    from peft import PromptTuningConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    before = model_fingerprint(model)
+
+    with pytest.raises(IncompatibleAdapterWeights, match="weight"):
+        run_atomically(model, lambda: set_peft_model_state_dict(model, {"prompt_embeddings": torch.zeros(5, 16)}))
+
+    assert_unchanged(before, model)
