@@ -44,6 +44,8 @@ Validator = Callable[[nn.Module, Mapping[str, Any], Mapping[str, torch.Tensor], 
 SNAPSHOT_HOOK = "__peft_buffers_snapshot__"
 _SHADOW = "load_state_dict"
 _CONTAINERS = (dict, list, set)
+_PLAIN = frozenset({bool, int, float, str, bytes, tuple, type(None), torch.Tensor, nn.Parameter, torch.dtype,
+                    torch.device})  # attribute values that are neither containers nor snapshot objects
 
 _lock = threading.Lock()
 _active: dict[int, Transaction] = {}  # id(root) -> the outermost open transaction on that root
@@ -67,12 +69,8 @@ def _refill(container: Any, saved: Any) -> None:
 class _ModuleState:
     __slots__ = ("module", "attrs", "contents")
 
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.attrs = dict(module.__dict__)
-        # most containers (hook dicts) are empty: nothing to copy, restoring them is clearing them
-        self.contents = [(v, _copy_container(v) if v else None) for v in self.attrs.values()
-                         if isinstance(v, _CONTAINERS)]
+    def __init__(self, module: nn.Module, attrs: dict, contents: list):
+        self.module, self.attrs, self.contents = module, attrs, contents
 
     def restore(self) -> None:
         live = self.module.__dict__
@@ -169,17 +167,25 @@ class Transaction:
         seen_params: set[int] = set()
         seen_hooks: set[int] = set()
         for module in root.modules():
-            state = _ModuleState(module)
-            self._modules.append(state)
+            attrs = module.__dict__.copy()
+            contents = []
+            for value in attrs.values():
+                kind = type(value)
+                if kind in _PLAIN:
+                    continue
+                if isinstance(value, _CONTAINERS):
+                    # most containers (hook dicts) are empty: nothing to copy, restoring them is clearing them
+                    contents.append((value, _copy_container(value) if value else None))
+                    continue
+                hook = getattr(kind, SNAPSHOT_HOOK, None)
+                if hook is not None and id(value) not in seen_hooks:
+                    seen_hooks.add(id(value))
+                    self._restorers.append(hook(value))
+            self._modules.append(_ModuleState(module, attrs, contents))
             for param in module._parameters.values():
                 if param is not None and id(param) not in seen_params:
                     seen_params.add(id(param))
                     self._requires_grad.append((param, param.requires_grad))
-            for value in state.attrs.values():
-                hook = getattr(type(value), SNAPSHOT_HOOK, None)
-                if hook is not None and id(value) not in seen_hooks:
-                    seen_hooks.add(id(value))
-                    self._restorers.append(hook(value))
 
     # ------------------------------------------------------------------ what a load may write
 
