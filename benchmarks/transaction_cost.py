@@ -48,14 +48,17 @@ def _llama(layers: int) -> nn.Module:
 
 
 def _median_seconds(op, model: nn.Module, reps: int) -> float:
-    """Median time of ``op(copy)``, each rep on a fresh deep copy of ``model`` (the copy is not timed)."""
+    """Median CPU time of ``op(copy)``, each rep on a fresh deep copy of ``model`` (the copy is not timed).
+
+    CPU time of this process, not wall-clock: on a shared machine other processes' load would dominate.
+    """
     times = []
     for _ in range(reps + 1):  # the first is a warm-up
         target = copy.deepcopy(model)
         gc.collect()  # the same heap for every rep: a full collection inside one rep is noise
-        start = time.perf_counter()
+        start = time.process_time()
         op(target)
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return statistics.median(times[1:])
 
 
@@ -107,10 +110,10 @@ def measure(name: str, base: nn.Module, targets: list[str], device: str, reps: i
         "modules": sum(1 for _ in model.modules()),
         "model MB": _bytes([*model.parameters(), *model.buffers()]) / 1e6,
         "cloned KB (successful load)": cloned.get("bytes", 0) / 1e3,
-        "load_adapter stock ms": 1e3 * _median_seconds(stock_load, model, reps),
-        "load_adapter atomic ms": 1e3 * _median_seconds(atomic_load, model, reps),
-        "empty transaction ms": 1e3 * _median_seconds(empty_transaction, model, reps),
-        "failed load + rollback ms": 1e3 * _median_seconds(failed_load, model, reps),
+        "load_adapter stock CPU ms": 1e3 * _median_seconds(stock_load, model, reps),
+        "load_adapter atomic CPU ms": 1e3 * _median_seconds(atomic_load, model, reps),
+        "empty transaction CPU ms": 1e3 * _median_seconds(empty_transaction, model, reps),
+        "failed load + rollback CPU ms": 1e3 * _median_seconds(failed_load, model, reps),
     }
 
 

@@ -22,7 +22,7 @@ from peft_buffers._errors import CorruptAdapterFile
 from peft_buffers._transaction import run_atomically
 
 from ._atomic import assert_unchanged, model_fingerprint
-from .test_transaction import ADAPTER_FILE, SPECS, _save, model_with_default
+from .test_transaction import ADAPTER_FILE, SPECS, _save, b_config, model_with_default
 
 
 def _write(path: Path, header: dict, data: bytes, header_len: int | None = None) -> Path:
@@ -134,7 +134,7 @@ def test_fuzzed_adapter_files_without_the_file_check_still_leave_the_model_uncha
 
 def _fuzz(tmp_path: Path, precheck: bool) -> dict[str, int]:
     spec = SPECS["net"]
-    source = _save(spec, tmp_path / "source", target_modules=[spec.new_target], modules_to_save=[spec.norm])
+    source = _save(spec, tmp_path / "source", **b_config(spec))
     original = (source / ADAPTER_FILE).read_bytes()
     keys = set(check_safetensors_file(source / ADAPTER_FILE))
     folder = tmp_path / "damaged"

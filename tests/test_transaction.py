@@ -8,6 +8,7 @@ weights behind. Each case is run inside `run_atomically` (the model must be exac
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -193,6 +194,34 @@ CASES = NEW_ADAPTER_CASES + [wrong_shape_into_existing_adapter]
 NEEDS_ENABLED = {refused_new_layer, refused_modules_to_save}  # refused by peft_buffers' own load
 
 
+MODULES_TO_SAVE_CASES = {refused_modules_to_save, wrong_shape_modules_to_save_statistic}
+
+
+@functools.cache
+def _peft_adds_a_modules_to_save_adapter() -> bool:
+    """False on PEFT releases (0.6) whose add_adapter crashes (AttributeError on ``None.update``) when the
+    model's first adapter has no modules_to_save: there the load fails inside PEFT, before our refusal."""
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["fc1"]))
+    try:
+        model.add_adapter("x", LoraConfig(r=2, target_modules=["mid"], modules_to_save=["bn2"]))
+    except AttributeError:
+        return False
+    return True
+
+
+def b_config(spec: Spec) -> dict:
+    """Adapter "b" of the success and fuzz tests: LoRA on the new layer, its BatchNorm in modules_to_save
+    where PEFT can add such an adapter next to "default"."""
+    extra = {"modules_to_save": [spec.norm]} if _peft_adds_a_modules_to_save_adapter() else {}
+    return {"target_modules": [spec.new_target], **extra}
+
+
+def _expected(case, expected):
+    if case in MODULES_TO_SAVE_CASES and not _peft_adds_a_modules_to_save_adapter():
+        return AttributeError  # PEFT's own failure; the rollback is checked all the same
+    return expected
+
+
 def _adapter_name(case) -> str:
     return "default" if case is wrong_shape_into_existing_adapter else "b"
 
@@ -209,7 +238,7 @@ def _enable_for(case):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
 def test_failed_load_adapter_leaves_model_unchanged(tmp_path, spec_name, case):
     spec = SPECS[spec_name]
-    expected = case(spec, tmp_path)
+    expected = _expected(case, case(spec, tmp_path))
     _enable_for(case)
     model = model_with_default(spec)
     x = spec.inputs()
@@ -320,7 +349,7 @@ def test_file_problems_are_named_before_peft_touches_the_model(tmp_path, case, p
 @pytest.mark.parametrize("spec_name", SPECS)
 def test_successful_load_is_untouched_by_the_transaction(tmp_path, spec_name):
     spec = SPECS[spec_name]
-    _save(spec, tmp_path, target_modules=[spec.new_target], modules_to_save=[spec.norm])
+    _save(spec, tmp_path, **b_config(spec))
     atomic_model, stock_model = model_with_default(spec), model_with_default(spec)
 
     run_atomically(atomic_model, lambda: atomic_model.load_adapter(tmp_path, "b"))
@@ -414,7 +443,7 @@ def test_a_failing_rollback_raises_rollback_failed():
                                   wrong_shape_into_existing_adapter], ids=lambda c: c.__name__)
 def test_failed_low_cpu_mem_usage_load_leaves_model_unchanged(tmp_path, case):
     spec = SPECS["net"]
-    expected = case(spec, tmp_path)
+    expected = _expected(case, case(spec, tmp_path))
     model = model_with_default(spec)
     before = model_fingerprint(model)
 
