@@ -89,9 +89,9 @@ def check_safetensors_file(path: Union[str, os.PathLike]) -> dict[str, TensorHea
     Example:
         >>> import tempfile, torch
         >>> from safetensors.torch import save_file
-        >>> folder = tempfile.mkdtemp()
-        >>> save_file({"w": torch.zeros(2, 3)}, f"{folder}/adapter_model.safetensors")
-        >>> check_safetensors_file(f"{folder}/adapter_model.safetensors")["w"].shape
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     save_file({"w": torch.zeros(2, 3)}, f"{folder}/adapter_model.safetensors")
+        ...     check_safetensors_file(f"{folder}/adapter_model.safetensors")["w"].shape
         (2, 3)
     """
     path = Path(path)
