@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ._errors import CorruptAdapterFile, ExtraStateMismatch, IncompatibleAdapterWeights
 
@@ -228,8 +229,8 @@ def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, Any], live
     mismatches = []
     for key, target in live.items():
         value = state_dict.get(key)
-        if not isinstance(value, torch.Tensor):
-            continue
+        if not isinstance(value, torch.Tensor) or is_lazy(target):
+            continue  # torch reports non-tensors itself; lazy tensors take the incoming shape
         if not _shape_fits(target, value):
             mismatches.append(ExtraStateMismatch(key, "shape differs from the model's tensor",
                                                  f"shape {tuple(target.shape)}", f"shape {tuple(value.shape)}",

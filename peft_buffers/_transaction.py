@@ -160,6 +160,7 @@ class Transaction:
         self._requires_grad: list[tuple[torch.Tensor, bool]] = []
         self._restorers: list[Callable[[], None]] = []
         self._shadowed: list[tuple[nn.Module, Any]] = []
+        self.open = True
         with _no_gc():  # thousands of small copies would trigger full collections of a large heap
             self._snapshot(root)
 
@@ -273,7 +274,8 @@ class _Interceptor:
             assign = bool(inspect.signature(self.original).bind_partial(*args, **kwargs).arguments.get("assign"))
         except (TypeError, ValueError):
             pass
-        self.transaction._before_load(self.module, state_dict, assign)
+        if self.transaction.open:  # a copy kept beyond the transaction just loads
+            self.transaction._before_load(self.module, state_dict, assign)
         return self.original(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> Any:
@@ -375,6 +377,7 @@ def atomic(
         _annotate(error, f"peft_buffers: {what} failed; the model was rolled back to its state before it.")
         raise
     finally:
+        transaction.open = False
         transaction._unshadow()
         with _lock:
             _active.pop(id(root), None)

@@ -469,3 +469,37 @@ def test_prompt_learning_load_is_checked_in_the_prompt_encoder():
         run_atomically(model, lambda: set_peft_model_state_dict(model, {"prompt_embeddings": torch.zeros(5, 16)}))
 
     assert_unchanged(before, model)
+
+
+# https://github.com/huggingface/peft_buffers/issues/10: from_pretrained wired as PeftModel.from_pretrained will
+# be: a transaction on the base around one on the new PeftModel (nested, different roots)
+def test_nested_transactions_on_base_and_peft_model(tmp_path):
+    spec = SPECS["net"]
+    truncated(spec, tmp_path)
+    base = spec.base().eval()
+    before = model_fingerprint(base)
+
+    def from_pretrained():
+        model = PeftModel(base, LoraConfig.from_pretrained(tmp_path))
+        return run_atomically(model, lambda: model.load_adapter(tmp_path, "default"), describe="inner")
+
+    with pytest.raises(Exception) as raised:  # noqa: B017 - safetensors' own error for the truncated file
+        run_atomically(base, from_pretrained, describe="outer")
+
+    assert_unchanged(before, base)
+    assert [note.split(" ")[1] for note in raised.value.__notes__] == ["inner", "outer"]
+
+
+# https://github.com/huggingface/peft_buffers/issues/10: PEFT deep-copies modules during a load
+# (modules_to_save); a copy's load_state_dict must load into the copy, not into the original
+def test_a_module_copied_during_the_transaction_loads_into_itself():
+    import copy
+
+    net = Net().eval()
+    with atomic(net):
+        twin = copy.deepcopy(net.bn2)
+        twin.load_state_dict({"running_mean": torch.full((8,), 7.0)}, strict=False)
+        assert torch.equal(twin.running_mean, torch.full((8,), 7.0))
+        assert torch.equal(net.bn2.running_mean, torch.zeros(8))
+    twin.load_state_dict({"running_mean": torch.full((8,), 3.0)}, strict=False)  # after it: a plain load
+    assert torch.equal(twin.running_mean, torch.full((8,), 3.0))
