@@ -52,6 +52,7 @@ def _peft_state(model: nn.Module) -> dict[str, Any]:
 
 def model_fingerprint(model: nn.Module, extra: Optional[Callable[[nn.Module], Any]] = None) -> Fingerprint:
     """Everything a failed load must leave as it was, recorded from ``model`` now (values cloned)."""
+    extra_value = extra(model) if extra is not None else None  # first: reading it may attach state to the model
     named = list(model.named_modules(remove_duplicate=False))
     tensors = {}
     for prefix, module in named:
@@ -71,10 +72,30 @@ def model_fingerprint(model: nn.Module, extra: Optional[Callable[[nn.Module], An
         tensors=tensors,
         instance_attrs={name: sorted(module.__dict__) for name, module in named},
         peft=_peft_state(model),
-        extra=extra(model) if extra is not None else None,
+        extra=extra_value,
         keepalive=[module for _, module in named] + [t for _, m in named for t in m._parameters.values()]
         + [t for _, m in named for t in m._buffers.values()],
     )
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Deep equality where tensors compare bitwise (dtype and shape included)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def extra_state_of_every_adapter(model: nn.Module) -> dict:
+    """``extra=`` for the fingerprint: peft_buffers' extra state of each adapter (cloned), keyed by adapter."""
+    from peft_buffers import extra_state_dict
+
+    return {name: {k: v.detach().clone() for k, v in extra_state_dict(model, name).items()}
+            for name in sorted(getattr(model, "peft_config", {}))}
 
 
 def differences(before: Fingerprint, model: nn.Module, extra: Optional[Callable[[nn.Module], Any]] = None
@@ -109,8 +130,8 @@ def differences(before: Fingerprint, model: nn.Module, extra: Optional[Callable[
             found.append(f"{key}: (identity, dtype, device, requires_grad) {old[:4]} -> {new[:4]}")
         elif old[2].type != "meta" and not torch.equal(old[4], new[4]):
             found.append(f"{key}: values differ")
-    if extra is not None and before.extra != after.extra:
-        found.append("extra state differs")
+    if extra is not None and not _equal(before.extra, after.extra):
+        found.append(f"extra state differs: {before.extra!r:.300} -> {after.extra!r:.300}")
     return found
 
 

@@ -25,7 +25,7 @@ from peft_buffers._errors import CorruptAdapterFile, IncompatibleAdapterWeights
 from peft_buffers._transaction import active_transaction, atomic, run_atomically
 from tests.zoo import MixedNorms
 
-from ._atomic import assert_changed, assert_unchanged, model_fingerprint
+from ._atomic import assert_changed, assert_unchanged, extra_state_of_every_adapter, model_fingerprint
 from ._compat import requires_low_cpu_mem_usage
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -243,13 +243,13 @@ def test_failed_load_adapter_leaves_model_unchanged(tmp_path, spec_name, case):
     model = model_with_default(spec)
     x = spec.inputs()
     logits = model(x)
-    before = model_fingerprint(model)
+    before = model_fingerprint(model, extra=extra_state_of_every_adapter)
 
     with pytest.raises(expected) as raised:
         run_atomically(model, lambda: model.load_adapter(tmp_path, _adapter_name(case)),
                        describe=f"adapter {_adapter_name(case)!r} from {tmp_path}")
 
-    assert_unchanged(before, model)
+    assert_unchanged(before, model, extra=extra_state_of_every_adapter)
     assert torch.equal(model(x), logits)
     assert any(str(tmp_path) in note for note in raised.value.__notes__)
 
