@@ -254,7 +254,10 @@ class Transaction:
                 param.requires_grad_(requires_grad)
         with torch.no_grad():
             for live, saved in self._saved.values():
-                live.copy_(saved)
+                if live.shape == saved.shape and live.dtype == saved.dtype and live.device == saved.device:
+                    live.copy_(saved)
+                else:  # the load rebound `.data` (another shape, dtype or device): rebind it back
+                    live.data = saved
         for restorer in reversed(self._restorers):
             restorer()
 

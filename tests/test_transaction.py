@@ -503,3 +503,17 @@ def test_a_module_copied_during_the_transaction_loads_into_itself():
         assert torch.equal(net.bn2.running_mean, torch.zeros(8))
     twin.load_state_dict({"running_mean": torch.full((8,), 3.0)}, strict=False)  # after it: a plain load
     assert torch.equal(twin.running_mean, torch.full((8,), 3.0))
+
+
+def test_a_rebound_data_tensor_is_rebound_back():
+    net = Net()
+    before = model_fingerprint(net)
+
+    def fail():
+        net.mid.weight.data = torch.zeros(3, 3, dtype=torch.float64)  # what some tuners do when moving weights
+        raise RuntimeError("late")
+
+    with pytest.raises(RuntimeError, match="late"):
+        run_atomically(net, fail, extra_tensors=[net.mid.weight])
+
+    assert_unchanged(before, net)
