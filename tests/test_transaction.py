@@ -15,7 +15,8 @@ from typing import Callable
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import save_and_load  # looked up at call time: binding the name would hide it from the patch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -304,7 +305,7 @@ def test_failed_set_peft_model_state_dict_into_existing_adapter(tmp_path, spec_n
     before = model_fingerprint(model)
 
     def load():
-        return set_peft_model_state_dict(model, state_dict, adapter_name="default")
+        return save_and_load.set_peft_model_state_dict(model, state_dict, adapter_name="default")
 
     if atomically:
         with pytest.raises(IncompatibleAdapterWeights, match="lora_B"):
@@ -466,7 +467,8 @@ def test_prompt_learning_load_is_checked_in_the_prompt_encoder():
     before = model_fingerprint(model)
 
     with pytest.raises(IncompatibleAdapterWeights, match="weight"):
-        run_atomically(model, lambda: set_peft_model_state_dict(model, {"prompt_embeddings": torch.zeros(5, 16)}))
+        run_atomically(model, lambda: save_and_load.set_peft_model_state_dict(
+            model, {"prompt_embeddings": torch.zeros(5, 16)}))
 
     assert_unchanged(before, model)
 
