@@ -227,6 +227,22 @@ def _adapter_name(case) -> str:
     return "default" if case is wrong_shape_into_existing_adapter else "b"
 
 
+def _stock_refusal_for(case, monkeypatch) -> None:
+    """Stock PEFT (peft_buffers disabled) with the refusal of a NEEDS_ENABLED case raised where peft_buffers
+    raises it: from set_peft_model_state_dict, after PEFT injected the adapter. Independent of whether the
+    load hooks are atomic (once they are, an enabled load no longer shows the stock behaviour)."""
+    import peft.peft_model
+
+    import peft_buffers
+
+    peft_buffers.disable()
+    if case in NEEDS_ENABLED:
+        def refuse(model, state_dict, adapter_name="default", *args, **kwargs):
+            raise IncompatibleExtraState(adapter_name, [])
+
+        monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", refuse)
+
+
 def _enable_for(case):
     import peft_buffers
 
@@ -258,10 +274,10 @@ def test_failed_load_adapter_leaves_model_unchanged(tmp_path, spec_name, case):
 # https://github.com/huggingface/peft_buffers/issues/10 (§1): the same loads change the model without it
 @pytest.mark.parametrize("spec_name", SPECS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
-def test_stock_failed_load_adapter_changes_the_model(tmp_path, spec_name, case):
+def test_stock_failed_load_adapter_changes_the_model(tmp_path, monkeypatch, spec_name, case):
     spec = SPECS[spec_name]
     case(spec, tmp_path)
-    _enable_for(case)
+    _stock_refusal_for(case, monkeypatch)
     model = model_with_default(spec)
     before = model_fingerprint(model)
 
@@ -274,7 +290,7 @@ def test_stock_failed_load_adapter_changes_the_model(tmp_path, spec_name, case):
 # https://github.com/huggingface/peft_buffers/issues/10 (§1): PeftModel.from_pretrained on the base it is given
 @pytest.mark.parametrize("spec_name", SPECS)
 @pytest.mark.parametrize("case", NEW_ADAPTER_CASES, ids=lambda c: c.__name__)
-def test_failed_from_pretrained_leaves_base_unchanged(tmp_path, spec_name, case):
+def test_failed_from_pretrained_leaves_base_unchanged(tmp_path, monkeypatch, spec_name, case):
     spec = SPECS[spec_name]
     expected = case(spec, tmp_path)
     _enable_for(case)
@@ -289,6 +305,7 @@ def test_failed_from_pretrained_leaves_base_unchanged(tmp_path, spec_name, case)
     assert_unchanged(before, base)
     assert torch.equal(base(x), logits)
 
+    _stock_refusal_for(case, monkeypatch)
     with pytest.raises(Exception):  # noqa: B017 - stock, for contrast: the base keeps PEFT's injected layers
         PeftModel.from_pretrained(base, tmp_path)
     assert_changed(before, base)
