@@ -22,7 +22,7 @@ from peft_buffers._errors import CorruptAdapterFile
 from peft_buffers._transaction import run_atomically
 
 from ._atomic import assert_unchanged, model_fingerprint
-from .test_transaction import ADAPTER_FILE, SPECS, _save, b_config, model_with_default
+from ._load_failures import ADAPTER_FILE, SPECS, b_config, model_with_default, save_adapter
 
 
 def _write(path: Path, header: dict, data: bytes, header_len: int | None = None) -> Path:
@@ -134,7 +134,7 @@ def test_fuzzed_adapter_files_without_the_file_check_still_leave_the_model_uncha
 
 def _fuzz(tmp_path: Path, precheck: bool) -> dict[str, int]:
     spec = SPECS["net"]
-    source = _save(spec, tmp_path / "source", **b_config(spec))
+    source = save_adapter(spec, tmp_path / "source", **b_config(spec))
     original = (source / ADAPTER_FILE).read_bytes()
     keys = set(check_safetensors_file(source / ADAPTER_FILE))
     folder = tmp_path / "damaged"
@@ -179,7 +179,7 @@ def _fuzz(tmp_path: Path, precheck: bool) -> dict[str, int]:
 def test_fuzz_header_reader_never_crashes_unnamed(tmp_path):
     """The header reader alone, on many more damaged files: only CorruptAdapterFile or success."""
     spec = SPECS["net"]
-    source = _save(spec, tmp_path, target_modules=[spec.new_target])
+    source = save_adapter(spec, tmp_path, target_modules=[spec.new_target])
     original = (source / ADAPTER_FILE).read_bytes()
     path = tmp_path / "damaged.safetensors"
     rng = random.Random(11)
