@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CommandError", "ExtraStateMismatch", "IncompatibleExtraState", "PeftBuffersError", "UnsupportedPeftVersion"]
+__all__ = [
+    "CommandError",
+    "CorruptAdapterFile",
+    "ExtraStateMismatch",
+    "IncompatibleAdapterWeights",
+    "IncompatibleExtraState",
+    "PeftBuffersError",
+    "RollbackFailed",
+    "UnsupportedPeftVersion",
+]
 
 
 class PeftBuffersError(Exception):
@@ -76,4 +85,64 @@ class IncompatibleExtraState(PeftBuffersError, ValueError):
         super().__init__(
             f"adapter {adapter_name!r}: {len(self.mismatches)} key(s) of extra state (running statistics or "
             f"direct parameters) do not fit the model; nothing was loaded.\n{lines}"
+        )
+
+
+class CorruptAdapterFile(PeftBuffersError, ValueError):
+    """An adapter weights file is unreadable or inconsistent (checked before PEFT touches the model).
+
+    Example:
+        >>> err = CorruptAdapterFile("/a/adapter_model.safetensors", "the file is empty", "at least 8 bytes",
+        ...                          "0 bytes", "save the adapter again")
+        >>> str(err).startswith("/a/adapter_model.safetensors: the file is empty")
+        True
+    """
+
+    def __init__(self, path: str, problem: str, expected: str, found: str, fix: str):
+        self.path, self.problem, self.expected, self.found, self.fix = str(path), problem, expected, found, fix
+        super().__init__(
+            f"{path}: {problem}; expected {expected}, found {found}. Nothing was loaded. Fix: {fix}"
+        )
+
+
+class IncompatibleAdapterWeights(PeftBuffersError, RuntimeError):
+    """Tensors of a state dict being loaded do not fit the model's tensors (shape, or dtype of another kind).
+
+    Raised before anything is written. A ``RuntimeError`` like torch's own ``load_state_dict`` size-mismatch
+    error, so code catching that keeps working. ``mismatches`` lists every key with expected, found and fix.
+
+    Example:
+        >>> err = IncompatibleAdapterWeights("", [ExtraStateMismatch(
+        ...     "fc.lora_A.b.weight", "shape differs", "(2, 8)", "(4, 8)", "load it into a model with r=4")])
+        >>> "fc.lora_A.b.weight" in str(err) and isinstance(err, RuntimeError)
+        True
+    """
+
+    def __init__(self, where: str, mismatches: list[ExtraStateMismatch]):
+        self.where = where
+        self.mismatches = list(mismatches)
+        lines = "\n".join(str(m) for m in self.mismatches)
+        scope = f" into {where}" if where else ""
+        super().__init__(
+            f"{len(self.mismatches)} tensor(s) of the state dict being loaded{scope} do not fit the model; "
+            f"nothing was written.\n{lines}"
+        )
+
+
+class RollbackFailed(PeftBuffersError, RuntimeError):
+    """A load failed and restoring the model's earlier state failed too: the model may be changed.
+
+    ``original`` is the exception of the load; ``__cause__`` the error of the rollback.
+
+    Example:
+        >>> err = RollbackFailed("adapter 'b' from /p", KeyError("k"))
+        >>> isinstance(err.original, KeyError)
+        True
+    """
+
+    def __init__(self, describe, original: BaseException):
+        self.original = original
+        super().__init__(
+            f"{describe or 'a load'} failed ({type(original).__name__}: {original}) and rolling the model back "
+            f"failed as well: the model may be partly changed. Rebuild it (or reload the base model) before use."
         )
