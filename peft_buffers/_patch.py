@@ -20,13 +20,15 @@ import torch
 from packaging.version import Version
 
 from . import _peft_view as pv
-from ._errors import IncompatibleExtraState, PeftBuffersError, UnsupportedPeftVersion
+from ._adapter_file import check_adapter_path
+from ._errors import PeftBuffersError, UnsupportedPeftVersion
 from ._integrations import plan_transformers_hooks, transformers_status
 from ._load_plan import plan_load, raise_for_mismatches
 from ._registry import GET, SET, AdapterHook, PatchEntry, entry_for, newest_entry, supported_range
 from ._state import BASE, is_running_stat
 from ._store import install_optimizer_hook, remove_optimizer_hook
 from ._targets import resolve_target
+from ._transaction import atomic
 
 __all__ = ["disable", "enable", "is_enabled", "patch_status"]
 
@@ -267,16 +269,20 @@ def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
         raise_for_mismatches(plan, adapter_name)  # before anything changes
         for dropped in plan.dropped:
             warnings.warn(f"ignore_mismatched_sizes=True: not loading extra state {dropped}", stacklevel=2)
+        describe = f"adapter {adapter_name!r} (set_peft_model_state_dict)"
         if not plan.extra and not plan.dropped:
-            return original(*args, **kwargs)  # a stock PEFT file: exactly stock behaviour
+            with atomic(root, describe=describe):  # a stock PEFT file: stock behaviour, but atomic
+                return original(*args, **kwargs)
         bound.arguments[sd_param] = plan.passthrough
-        result = original(*bound.args, **bound.kwargs)
-        store = pv.ensure_store(root, late=True)  # not seen at attach: base values unknown
-        pv.settle(root, store, peft_saved_keys)  # what the live adapter changed so far stays its own
-        config = root.peft_config[adapter_name] if hasattr(root, "peft_config") else None
-        trainable = not getattr(config, "inference_mode", True)
-        store.set_values(adapter_name, plan.extra, trainable=trainable)
-        pv.sync(root, peft_saved_keys)
+        # The store's own snapshot (ExtraStateStore.__peft_buffers_snapshot__) puts back every tensor it swaps.
+        with atomic(root, describe=describe):
+            result = original(*bound.args, **bound.kwargs)
+            store = pv.ensure_store(root, late=True)  # not seen at attach: base values unknown
+            pv.settle(root, store, peft_saved_keys)  # what the live adapter changed so far stays its own
+            config = root.peft_config[adapter_name] if hasattr(root, "peft_config") else None
+            trainable = not getattr(config, "inference_mode", True)
+            store.set_values(adapter_name, plan.extra, trainable=trainable)
+            pv.sync(root, peft_saved_keys)
         if hasattr(result, "missing_keys") and hasattr(result, "_replace"):
             ours = {place.live_key for place, _ in plan.extra.values()} | set(plan.extra)
             ours |= {m.key for m in plan.dropped}
@@ -367,18 +373,45 @@ def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable)
 
         @functools.wraps(original)
         def load_adapter(self, *args, **kwargs):
-            existing = set(getattr(self, "peft_config", {}))
-            try:
+            if _patch is None:
                 return original(self, *args, **kwargs)
-            except IncompatibleExtraState:
-                name = signature.bind(self, *args, **kwargs).arguments.get("adapter_name")
-                if name not in existing and name in getattr(self, "peft_config", {}):
-                    self.delete_adapter(name)  # PEFT injected it before loading: take it out again
-                raise
+            arguments = signature.bind(self, *args, **kwargs).arguments
+            model_id, name = arguments.get("model_id"), arguments.get("adapter_name")
+            check_adapter_path(model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
+            with atomic(self, describe=f"adapter {name!r} from {model_id}"):
+                return original(self, *args, **kwargs)
 
         return load_adapter
 
+    if hook.kind == "from_pretrained":
+        function = original.__func__
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def from_pretrained(cls, *args, **kwargs):
+            if _patch is None:
+                return function(cls, *args, **kwargs)
+            arguments = signature.bind(cls, *args, **kwargs).arguments
+            model, model_id = arguments["model"], arguments.get("model_id")
+            check_adapter_path(model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
+            with atomic(model, describe=f"adapter {arguments.get('adapter_name', 'default')!r} from {model_id}"):
+                return function(cls, *args, **kwargs)
+
+        return _WrappedClassMethod(from_pretrained, original)
+
     raise ValueError(f"unknown adapter hook kind {hook.kind!r}")
+
+
+class _WrappedClassMethod(classmethod):
+    """A classmethod whose ``__wrapped__`` is the classmethod object it replaces (what disable() puts back)."""
+
+    def __init__(self, function: Callable, wrapped: classmethod):
+        super().__init__(function)
+        self._wrapped = wrapped
+
+    @property
+    def __wrapped__(self) -> classmethod:  # type: ignore[override]
+        return self._wrapped
 
 
 # ----------------------------------------------------------------------------------------- enable/disable
@@ -462,6 +495,11 @@ def disable() -> None:
         _patch = None
 
 
+def _bound(owner: Any, attr: str) -> Any:
+    # a class's own attribute as stored (a classmethod object, not the bound method getattr makes of it)
+    return owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
+
+
 def patch_status() -> dict:
     """What is patched now: PEFT version, registry line, and every binding site with its state.
 
@@ -477,7 +515,7 @@ def patch_status() -> dict:
             where = getattr(b.owner, "__name__", repr(b.owner))
             if isinstance(b.owner, type):
                 where = f"{b.owner.__module__}.{b.owner.__qualname__}"
-            sites.append({"site": f"{where}.{b.attr}", "patched": getattr(b.owner, b.attr) is b.replacement})
+            sites.append({"site": f"{where}.{b.attr}", "patched": _bound(b.owner, b.attr) is b.replacement})
         return {
             "enabled": True,
             "peft": _patch.peft_version,

@@ -52,8 +52,9 @@ class AdapterHook:
     * ``"attach"``: after the original ``__init__``, attach the extra-state store to the new model;
     * ``"sync"``: after the original returns, make the active adapter's extra state live;
     * ``"disable"``: a context manager; inside it, the base model's own values are live;
-    * ``"load"``: when the original raises :class:`~peft_buffers.IncompatibleExtraState` for an adapter it
-      had just added, delete that adapter again, so a failed load leaves the model as it was;
+    * ``"load"``: run the original as one transaction (``_transaction.atomic``) after checking the adapter
+      file's header: a load that fails for any reason leaves the model exactly as it was;
+    * ``"from_pretrained"``: the same for the classmethod ``PeftModel.from_pretrained``, on the base model passed;
     * ``"forward"``: ``target`` is a ``__getattr__`` that forwards ``method`` to the tuner (PEFT < 0.16 has no
       ``PeftModel.delete_adapter``); the forwarded call is wrapped like a ``"sync"`` hook on the PeftModel.
     """
@@ -86,11 +87,12 @@ _ATTACH = AdapterHook("peft.peft_model:PeftModel.__init__", "attach")
 _SET_ADAPTER = AdapterHook("peft.peft_model:PeftModel.set_adapter", "sync")
 _DISABLE = AdapterHook("peft.peft_model:PeftModel.disable_adapter", "disable")
 _LOAD = AdapterHook("peft.peft_model:PeftModel.load_adapter", "load")
+_FROM_PRETRAINED = AdapterHook("peft.peft_model:PeftModel.from_pretrained", "from_pretrained")
 # PeftModel.delete_adapter exists from 0.16; before, PeftModel.__getattr__ forwards it to the tuner.
 _HOOKS_V06 = (_ATTACH, _SET_ADAPTER, AdapterHook("peft.peft_model:PeftModel.__getattr__", "forward",
-                                                 "delete_adapter"), _DISABLE, _LOAD)
+                                                 "delete_adapter"), _DISABLE, _LOAD, _FROM_PRETRAINED)
 _HOOKS_V16 = (_ATTACH, _SET_ADAPTER, AdapterHook("peft.peft_model:PeftModel.delete_adapter", "sync"), _DISABLE,
-              _LOAD)
+              _LOAD, _FROM_PRETRAINED)
 
 _GET_V06 = ("model", "state_dict", "adapter_name", "unwrap_compiled")
 _GET_V07 = _GET_V06 + ("save_embedding_layers",)

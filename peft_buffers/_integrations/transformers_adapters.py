@@ -28,6 +28,7 @@ from .._load_plan import LoadPlan, plan_load, raise_for_mismatches
 from .._registry import AdapterHook, TransformersEntry, transformers_entry_for
 from .._state import TensorPlace
 from .._targets import resolve_target
+from .._transaction import atomic
 
 __all__ = ["mixin_min_peft", "plan_transformers_hooks", "transformers_status"]
 
@@ -177,9 +178,13 @@ def _make_hook(kind: str, original: Callable, peft_saved_keys: Callable, is_enab
 
         @functools.wraps(original)
         def load_adapter(self, *args, **kwargs):
-            if is_enabled():
-                _check_before_loading(self, _arguments(signature, self, args, kwargs))
-            return original(self, *args, **kwargs)
+            if not is_enabled():
+                return original(self, *args, **kwargs)
+            arguments = _arguments(signature, self, args, kwargs)
+            _check_before_loading(self, arguments)
+            describe = f"adapter {arguments.get('adapter_name')!r} from {arguments.get('peft_model_id')}"
+            with atomic(self, describe=describe):
+                return original(self, *args, **kwargs)
 
         return load_adapter
 
@@ -260,30 +265,38 @@ def _make_load(original: Callable, peft_saved_keys: Callable, is_enabled: Callab
         check, incoming = _check_before_loading(self, arguments)
         if not check.extra:
             return original(self, *args, **kwargs)  # a stock PEFT file: exactly transformers' behaviour
-        live_before = {_place_id(place): place.tensor.detach().clone() for place, _ in check.extra.values()}
-        places_before = [place for place, _ in check.extra.values()]
-
-        try:
-            result = original(self, *args, **kwargs)
-        finally:  # transformers' loader wrote the file's values into the live tensors: put back what was live
-            for place in places_before:
-                place.tensor.data = live_before[_place_id(place)]
-
-        # 2. Now the adapter is injected: PEFT's own keys (modules_to_save, ...) are known. What is left is
-        # this adapter's extra state.
-        plan = plan_load(pv.model_view(self), incoming,
-                         claimed_by_peft=lambda candidates: peft_saved_keys(self, adapter_name, candidates),
-                         wraps_for_adapter=pv.wraps_for(adapter_name),
-                         ignore_mismatched_sizes=_ignore_mismatched_sizes(arguments))
-        # Only tensors checked in step 1 were put back; any other (none by construction) is left alone.
-        extra = {k: v for k, v in plan.extra.items() if _place_id(v[0]) in live_before}
-        store = pv.ensure_store(self, is_enabled)
-        pv.settle(self, store, peft_saved_keys)
-        store.set_values(adapter_name, extra, trainable=bool(arguments.get("is_trainable")))
-        _switch(self, peft_saved_keys)
-        return result
+        with atomic(self, describe=f"adapter {adapter_name!r} from {arguments.get('peft_model_id')}"):
+            return _load_keeping_extra_state(self, original, args, kwargs, arguments, adapter_name, check, incoming,
+                                             peft_saved_keys, is_enabled)
 
     return load_adapter
+
+
+def _load_keeping_extra_state(root, original: Callable, args: tuple, kwargs: dict, arguments: dict,
+                              adapter_name: str, check: LoadPlan, incoming: dict, peft_saved_keys: Callable,
+                              is_enabled: Callable):
+    """transformers 5.x ``load_adapter``, then the file's extra state kept as the loaded adapter's own."""
+    live_before = {_place_id(place): place.tensor.detach().clone() for place, _ in check.extra.values()}
+    places_before = [place for place, _ in check.extra.values()]
+    try:
+        result = original(root, *args, **kwargs)
+    finally:  # transformers' loader wrote the file's values into the live tensors: put back what was live
+        for place in places_before:
+            place.tensor.data = live_before[_place_id(place)]
+
+    # 2. Now the adapter is injected: PEFT's own keys (modules_to_save, ...) are known. What is left is
+    # this adapter's extra state.
+    plan = plan_load(pv.model_view(root), incoming,
+                     claimed_by_peft=lambda candidates: peft_saved_keys(root, adapter_name, candidates),
+                     wraps_for_adapter=pv.wraps_for(adapter_name),
+                     ignore_mismatched_sizes=_ignore_mismatched_sizes(arguments))
+    # Only tensors checked in step 1 were put back; any other (none by construction) is left alone.
+    extra = {k: v for k, v in plan.extra.items() if _place_id(v[0]) in live_before}
+    store = pv.ensure_store(root, is_enabled)
+    pv.settle(root, store, peft_saved_keys)
+    store.set_values(adapter_name, extra, trainable=bool(arguments.get("is_trainable")))
+    _switch(root, peft_saved_keys)
+    return result
 
 
 def _place_id(place: TensorPlace) -> tuple[int, str]:
