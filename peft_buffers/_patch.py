@@ -28,7 +28,7 @@ from ._registry import GET, SET, AdapterHook, PatchEntry, entry_for, newest_entr
 from ._state import BASE, is_running_stat
 from ._store import install_optimizer_hook, remove_optimizer_hook
 from ._targets import resolve_target
-from ._transaction import atomic
+from ._transaction import active_transaction, atomic
 
 __all__ = ["disable", "enable", "is_enabled", "patch_status"]
 
@@ -271,11 +271,11 @@ def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
             warnings.warn(f"ignore_mismatched_sizes=True: not loading extra state {dropped}", stacklevel=2)
         describe = f"adapter {adapter_name!r} (set_peft_model_state_dict)"
         if not plan.extra and not plan.dropped:
-            with atomic(root, describe=describe):  # a stock PEFT file: stock behaviour, but atomic
+            with _atomic_unless_covered(root, describe):  # a stock PEFT file: stock behaviour, but atomic
                 return original(*args, **kwargs)
         bound.arguments[sd_param] = plan.passthrough
         # The store's own snapshot (ExtraStateStore.__peft_buffers_snapshot__) puts back every tensor it swaps.
-        with atomic(root, describe=describe):
+        with _atomic_unless_covered(root, describe):
             result = original(*bound.args, **bound.kwargs)
             store = pv.ensure_store(root, late=True)  # not seen at attach: base values unknown
             pv.settle(root, store, peft_saved_keys)  # what the live adapter changed so far stays its own
@@ -378,7 +378,7 @@ def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable)
             arguments = signature.bind(self, *args, **kwargs).arguments
             model_id, name = arguments.get("model_id"), arguments.get("adapter_name")
             check_adapter_path(model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
-            with atomic(self, describe=f"adapter {name!r} from {model_id}"):
+            with _atomic_unless_covered(self, f"adapter {name!r} from {model_id}"):
                 return original(self, *args, **kwargs)
 
         return load_adapter
@@ -400,6 +400,15 @@ def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable)
         return _WrappedClassMethod(from_pretrained, original)
 
     raise ValueError(f"unknown adapter hook kind {hook.kind!r}")
+
+
+def _atomic_unless_covered(root, describe: str):
+    """``atomic(root)``, unless ``PeftModel.from_pretrained`` already runs one on ``root``'s base model: the
+    PeftModel it builds is thrown away with any failure, so a second snapshot would only cost time."""
+    get_base = getattr(type(root), "get_base_model", None)
+    if callable(get_base) and active_transaction(get_base(root)) is not None:
+        return contextlib.nullcontext()
+    return atomic(root, describe=describe)
 
 
 class _WrappedClassMethod(classmethod):

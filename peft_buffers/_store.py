@@ -126,9 +126,7 @@ class ExtraStateStore:
     def capture(self, found: BaseTensors) -> None:
         """Take the base values: a copy of every buffer, the version of every parameter (at attach)."""
         with self._lock:
-            for key, place in found.buffers.items():
-                if key not in self.reference:
-                    self.reference[key] = place.tensor.detach().clone()
+            self.reference.update(_copies({k: p.tensor for k, p in found.buffers.items() if k not in self.reference}))
             for key, place in found.parameters.items():
                 tensor = place.tensor
                 self.versions.setdefault(key, (id(tensor), tensor._version))
@@ -331,6 +329,24 @@ class ExtraStateStore:
         memo[id(self)] = clone
         clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
         return clone
+
+
+def _copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Independent copies of ``tensors``: one concatenation per device and dtype (not one copy kernel each),
+    returned as views into it."""
+    groups: Dict[tuple, list[str]] = {}
+    for key, tensor in tensors.items():
+        groups.setdefault((tensor.device, tensor.dtype), []).append(key)
+    copies: dict[str, torch.Tensor] = {}
+    for keys in groups.values():
+        parts = [tensors[k].detach() for k in keys]
+        if len(parts) == 1:
+            copies[keys[0]] = parts[0].clone()
+            continue
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        for key, part, piece in zip(keys, parts, flat.split([t.numel() for t in parts])):
+            copies[key] = piece.view(part.shape)
+    return copies
 
 
 def _copy_nested(value):

@@ -160,6 +160,7 @@ class Transaction:
         self._requires_grad: list[tuple[torch.Tensor, bool]] = []
         self._restorers: list[Callable[[], None]] = []
         self._shadowed: list[tuple[nn.Module, Any]] = []
+        self._existing: set[int] = set()  # ids of the tensors there at the start: only those can need a clone
         self.open = True
         with _no_gc():  # thousands of small copies would trigger full collections of a large heap
             self._snapshot(root)
@@ -187,6 +188,8 @@ class Transaction:
                 if param is not None and id(param) not in seen_params:
                     seen_params.add(id(param))
                     self._requires_grad.append((param, param.requires_grad))
+            self._existing.update(id(b) for b in module._buffers.values() if b is not None)
+        self._existing |= seen_params
 
     # ------------------------------------------------------------------ what a load may write
 
@@ -231,7 +234,9 @@ class Transaction:
         live, to_clone = _incoming_targets(module, list(state_dict))
         if self.validate is not None:
             self.validate(module, state_dict, live, assign)  # before anything is written
-        self.protect(to_clone)
+        # A tensor made during the load (a new adapter's weights) goes with its module at a rollback: no clone.
+        # The snapshot holds every tensor that was there, so their ids cannot be reused meanwhile.
+        self.protect(t for t in to_clone if id(t) in self._existing)
 
     # ------------------------------------------------------------------ rollback
 
