@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from ._errors import ExtraStateMismatch, IncompatibleExtraState
-from ._state import _TRANSPARENT_SEGMENTS, RUNNING_STAT_NAMES, ModelView, TensorPlace, tracks_running_stats
+from ._state import (
+    _TRANSPARENT_SEGMENTS,
+    RUNNING_STAT_NAMES,
+    BaseTensors,
+    ModelView,
+    TensorPlace,
+    find_base_tensors,
+    tracks_running_stats,
+)
 
 __all__ = ["LoadPlan", "plan_load", "raise_for_mismatches", "resolve_key"]
 
@@ -28,6 +36,7 @@ class LoadPlan:
     passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
     mismatches: list[ExtraStateMismatch] = field(default_factory=list)
     dropped: list[ExtraStateMismatch] = field(default_factory=list)
+    found: Optional[BaseTensors] = None  # the walk the plan was made from (callers reuse it)
 
 
 @dataclass(frozen=True)
@@ -202,10 +211,14 @@ def plan_load(
         >>> sorted(plan.extra), [m.key for m in plan.mismatches]
         (['running_mean'], ['lora_A.weight'])
     """
-    plan = LoadPlan()
+    plan = LoadPlan(found=find_base_tensors(view))
+    # One walk, then O(1) per key for names as this model has them; other names are resolved step by step.
+    # A tensor inside a modules_to_save wrapper is saved under its base name, which is also the name of the
+    # adapter's own copy: those keys always go through resolve_key, which asks wraps_for_adapter.
+    direct = {p.live_key: p for p in plan.found.ordered.values() if p.live_key == p.saved_key}
     candidates: list[tuple[str, TensorPlace, torch.Tensor]] = []
     for key, value in state_dict.items():
-        target = resolve_key(view, key, wraps_for_adapter)
+        target = direct.get(key) or resolve_key(view, key, wraps_for_adapter)
         if target is _PEFT:
             plan.passthrough[key] = value
             continue

@@ -278,7 +278,7 @@ def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
         with _atomic_unless_covered(root, describe):
             result = original(*bound.args, **bound.kwargs)
             store = pv.ensure_store(root, late=True)  # not seen at attach: base values unknown
-            pv.settle(root, store, peft_saved_keys)  # what the live adapter changed so far stays its own
+            pv.settle(root, store, peft_saved_keys, plan.found)  # what the live adapter changed stays its own
             config = root.peft_config[adapter_name] if hasattr(root, "peft_config") else None
             trainable = not getattr(config, "inference_mode", True)
             store.set_values(adapter_name, plan.extra, trainable=trainable)
