@@ -68,7 +68,8 @@ def write(mode: str, out: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_second(mode: str, model, path: Path, spec, name: str) -> None:
-    if mode == "native" and not getattr(model.peft_config["A"], "save_running_stats", False):
+    file_config = type(config_for(mode, spec)).from_pretrained(path)
+    if mode == "native" and not getattr(file_config, "save_running_stats", False):
         # A file without the fields in its config (written with peft_buffers): turn them on at load time, so that
         # PEFT keeps its statistics per adapter instead of loading them into the live model.
         model.add_adapter(name, config_for(mode, spec))
