@@ -32,6 +32,7 @@ from packaging.version import Version
 
 from . import __version__, _patch
 from ._errors import PeftBuffersError
+from ._native_fields import NATIVE_FIELDS_NOTE, peft_has_native_fields
 from ._registry import GET, SET, PatchEntry, range_text, readme_with_table, support_table
 
 __all__ = ["doctor_report", "main"]
@@ -95,6 +96,9 @@ def doctor_report(deep: bool = False) -> dict:
     versions.update({name: _installed(name) for name in _PACKAGES})
     report: dict = {"versions": versions, "entry": None, "tested_release": False, "tested_transformers": False,
                     "sites": [], "hooks": [], "unpatched": [], "import_failures": [], "problems": [], "notes": []}
+    report["native_fields"] = peft_has_native_fields()  # issue 11: PEFT's own save_running_stats/parameters_to_save
+    if report["native_fields"]:
+        report["notes"].append(NATIVE_FIELDS_NOTE)
     peft_version = _patch.installed_peft_version()
     try:
         with warnings.catch_warnings():

@@ -11,9 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["NATIVE_FIELDS", "model_uses_native_fields", "peft_has_native_fields", "uses_native_fields"]
+__all__ = ["NATIVE_FIELDS", "NATIVE_FIELDS_NOTE", "model_uses_native_fields", "peft_has_native_fields",
+           "uses_native_fields"]
 
 NATIVE_FIELDS = ("save_running_stats", "parameters_to_save")
+NATIVE_FIELDS_NOTE = (
+    "this PEFT has its own save_running_stats / parameters_to_save config fields (patches/peft-v0.21.2, or a "
+    "release that merged them): for adapters whose config turns either on, PEFT saves, loads and switches running "
+    "statistics and direct parameters itself and peft_buffers steps aside; other adapters are handled as before"
+)
 
 
 def peft_has_native_fields() -> bool:
