@@ -191,8 +191,8 @@ def upstream(session: nox.Session) -> None:
         unpatched = _unpacked_sdist(session, work / "unpatched")
         patched = _unpacked_sdist(session, work / "patched")
         patches = sorted(str(p) for p in UPSTREAM_PATCHES.glob("*.patch"))
-        session.run("git", "apply", "--check", *patches, external=True, cwd=str(patched))
-        session.run("git", "apply", *patches, external=True, cwd=str(patched))
+        session.run("git", "-C", str(patched), "apply", "--check", *patches, external=True)
+        session.run("git", "-C", str(patched), "apply", *patches, external=True)
         session.install("--no-deps", "--force-reinstall", str(patched))
         env = INTEGRATION_ENV
         session.run("python", "-c", "from peft_buffers._native_fields import peft_has_native_fields as has; "
