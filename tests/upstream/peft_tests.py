@@ -32,6 +32,10 @@ def read_outcomes(path: Path) -> dict[str, str]:
 
 
 def run(src: Path, out: Path) -> int:
+    import peft
+
+    # run_suite labels its line "stock PEFT" (its run without peft_buffers): say which PEFT that is here
+    print(f"PEFT's tests from {src} on the peft imported from {Path(peft.__file__).parent}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         peft_suite.run_suite(src, False, report)
