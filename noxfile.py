@@ -199,10 +199,12 @@ def upstream(session: nox.Session) -> None:
                     "assert has(), 'the installed PEFT lacks the fields: the series did not install'", env=env)
         stock = str(_stock_venv(session, base_site, _purelib(session)))
         # (a) PEFT's own tests on the patched PEFT, compared with the unpatched outcomes: peft_suite's record of the
-        # stock run when there is one (CI runs peft_suite first), else a run of the unpatched sources on stock PEFT
+        # stock run when there is one (CI runs peft_suite first), else this session's own record of a run of the
+        # unpatched sources on stock PEFT, made once (delete .nox/upstream_unpatched.tsv to make it again)
         reference = ROOT / ".nox" / "peft_suite.tsv"
         if not reference.exists():
-            reference = work / "unpatched.tsv"
+            reference = ROOT / ".nox" / "upstream_unpatched.tsv"
+        if not reference.exists():
             session.run(stock, "tests/upstream/peft_tests.py", "run", str(unpatched), str(reference), env=env,
                         external=True)
         session.log(f"unpatched outcomes: {reference}")
