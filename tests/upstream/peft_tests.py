@@ -18,11 +18,15 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
-
-import peft_suite  # noqa: E402 - tests/integrations/peft_suite.py, found through the line above
-
 GOOD = ("passed", "skipped")
+
+
+def _peft_suite():
+    """tests/integrations/peft_suite.py, imported only when used (the default test run imports this file too)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
+    import peft_suite
+
+    return peft_suite
 
 
 def read_outcomes(path: Path) -> dict[str, str]:
@@ -34,6 +38,7 @@ def read_outcomes(path: Path) -> dict[str, str]:
 def run(src: Path, out: Path) -> int:
     import peft
 
+    peft_suite = _peft_suite()
     # run_suite labels its line "stock PEFT" (its run without peft_buffers): say which PEFT that is here
     print(f"PEFT's tests from {src} on the peft imported from {Path(peft.__file__).parent}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,6 +51,7 @@ def run(src: Path, out: Path) -> int:
 
 
 def compare(unpatched_tsv: Path, patched_tsv: Path, record: Path | None) -> int:
+    peft_suite = _peft_suite()
     unpatched, patched = read_outcomes(unpatched_tsv), read_outcomes(patched_tsv)
     worse = sorted(k for k, v in unpatched.items() if v in GOOD and patched.get(k) not in GOOD)
     added = sorted(set(patched) - set(unpatched))
