@@ -4,7 +4,8 @@
 
 Needs the patched PEFT importable for the ``native`` row (``nox -s upstream`` builds one; or put an unpacked, patched
 sdist's ``src`` on PYTHONPATH); without it the row is left out and said so. Per model: one training step in train
-mode (norm statistics move; ViT trains its position embeddings and cls token), then, interleaved over ``--reps``
+mode (norm statistics move; ViT trains its position embeddings and cls token in every row, unfrozen by hand for
+stock PEFT and peft_buffers, through ``parameters_to_save`` for native), then, interleaved over ``--reps``
 repetitions, ``save_pretrained`` and ``PeftModel.from_pretrained`` onto a fresh copy of the base already on the
 device. Prints the median times, the adapter file's bytes, and max |Δ logits| of the reloaded model.
 """
@@ -56,7 +57,7 @@ def run_model(spec, strategies, device: torch.device, quick: bool, reps: int, sc
     for strategy in strategies:
         peft_buffers.enable() if strategy == "peft_buffers" else peft_buffers.disable()
         model = get_peft_model(copy.deepcopy(base), _config(spec, base, strategy)).to(device)
-        if strategy == "peft_buffers":
+        if strategy != "native":  # the user unfreezes them by hand (#2099); native: parameters_to_save does it
             for module in model.get_base_model().modules():
                 for name in spec.direct_params:
                     if module._parameters.get(name) is not None:
