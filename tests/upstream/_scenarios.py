@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from peft.utils import load_peft_weights, set_peft_model_state_dict
+from peft.utils import save_and_load  # the module, not its functions: binding those would hide them from enable()
 
 import peft_buffers
 from tests.zoo import ZOO, logits, train, tuner_config, unfreeze_embeddings
@@ -73,7 +73,7 @@ def _load_second(mode: str, model, path: Path, spec, name: str) -> None:
         # A file without the fields in its config (written with peft_buffers): turn them on at load time, so that
         # PEFT keeps its statistics per adapter instead of loading them into the live model.
         model.add_adapter(name, config_for(mode, spec))
-        set_peft_model_state_dict(model, load_peft_weights(str(path)), adapter_name=name)
+        save_and_load.set_peft_model_state_dict(model, save_and_load.load_peft_weights(str(path)), adapter_name=name)
     else:
         model.load_adapter(path, adapter_name=name)
 
