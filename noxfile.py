@@ -215,3 +215,104 @@ def crossversion(session: nox.Session) -> None:
     env = {**INTEGRATION_ENV, "PEFT_BUFFERS_CROSSVERSION": json.dumps(pythons)}
     session.run(pythons[max(lines, key=lambda line: tuple(map(int, line.split("."))))], "-m", "pytest", "-q", "-s",
                 "-p", "no:cacheprovider", "tests/crossversion", external=True, env=env)
+
+
+# --- upstream patch series (issue 11) ---
+#     nox -s upstream     # PEFT 0.21.2's sdist + patches/peft-v0.21.2 in its own venv, then
+#       (a) PEFT's own save/load selection (peft_suite's FILES/SELECT) plus the series' tests: no new failures vs the
+#           unpatched outcomes (.nox/peft_suite.tsv from `nox -s peft_suite` when present, else run here);
+#       (b) tests/upstream: the behaviour scenarios with PEFT's own fields, bitwise equal to peft_buffers';
+#       (c) tests/upstream/cross_check.py: files written by the patched PEFT load with stock PEFT + peft_buffers
+#           and the other way round, bitwise.
+UPSTREAM_PATCHES = ROOT / "patches" / f"peft-v{INTEGRATION_PEFT}"
+UPSTREAM_TRANSFORMERS = "5.23.0"  # the pin peft_suite uses: one shared base for both sessions
+
+
+def _unpacked_sdist(session: nox.Session, work: Path) -> Path:
+    """PEFT's sdist of INTEGRATION_PEFT, downloaded once into .nox/_downloads, unpacked fresh under ``work``."""
+    import tarfile
+
+    downloads = ROOT / ".nox" / "_downloads"
+    archive = downloads / f"peft-{INTEGRATION_PEFT}.tar.gz"
+    if not archive.exists():
+        session.run("python", "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                    f"peft=={INTEGRATION_PEFT}", "-d", str(downloads))
+    with tarfile.open(archive) as tar:
+        tar.extractall(work)  # noqa: S202 - PyPI's sdist of a pinned release
+    return work / f"peft-{INTEGRATION_PEFT}"
+
+
+def _purelib(session: nox.Session, python: str = "python") -> Path:
+    purelib = session.run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                          external=python != "python", silent=True)
+    return Path(purelib.strip())
+
+
+def _stock_venv(session: nox.Session, base_site: Path, session_site: Path) -> Path:
+    """A second venv next to the session's with stock PEFT: the other side of the cross-check, and the unpatched run.
+
+    It sees the shared base and the session venv's packages (PEFT's test tools) through a ``.pth`` file; its own
+    stock PEFT comes first on ``sys.path`` and so shadows the session's patched one.
+    """
+    venv = ROOT / ".nox" / "_upstream_stock"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        session.run(sys.executable, "-m", "virtualenv", "-q", str(venv), external=True)
+    own_site = _purelib(session, str(python))
+    # --ignore-installed: the patched PEFT, visible through the .pth file, has the same version number
+    session.run(str(python), "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed",
+                f"peft=={INTEGRATION_PEFT}", external=True)
+    (own_site / "_peft_buffers_shared_base.pth").write_text(f"{base_site}\n{session_site}\n")
+    session.run(str(python), "-c", "import dataclasses, peft; fields = dataclasses.fields(peft.PeftConfig); "
+                "assert 'save_running_stats' not in {f.name for f in fields}, peft.__file__", external=True)
+    return python
+
+
+@nox.session
+def upstream(session: nox.Session) -> None:
+    """PEFT 0.21.2 + patches/peft-v0.21.2: PEFT's save/load tests, the scenarios without peft_buffers, cross-check."""
+    import shutil
+    import tempfile
+
+    base_site = _shared_base(session, UPSTREAM_TRANSFORMERS)
+    _link_base(session, base_site)
+    session.install(*PEFT_SUITE_TOOLS)
+    # Outside the repository: `git apply` inside a work tree would resolve the paths against its top level.
+    work = Path(tempfile.mkdtemp(prefix="peft-upstream-"))
+    try:
+        unpatched = _unpacked_sdist(session, work / "unpatched")
+        patched = _unpacked_sdist(session, work / "patched")
+        patches = sorted(str(p) for p in UPSTREAM_PATCHES.glob("*.patch"))
+        session.run("git", "-C", str(patched), "apply", "--check", *patches, external=True)
+        session.run("git", "-C", str(patched), "apply", *patches, external=True)
+        session.install("--no-deps", "--force-reinstall", str(patched))
+        env = INTEGRATION_ENV
+        session.run("python", "-c", "from peft_buffers._native_fields import peft_has_native_fields as has; "
+                    "assert has(), 'the installed PEFT lacks the fields: the series did not install'", env=env)
+        stock = str(_stock_venv(session, base_site, _purelib(session)))
+        # (a) PEFT's own tests on the patched PEFT, compared with the unpatched outcomes: peft_suite's record of the
+        # stock run when there is one (CI runs peft_suite first), else this session's own record of a run of the
+        # unpatched sources on stock PEFT, made once (delete .nox/upstream_unpatched.tsv to make it again)
+        reference = ROOT / ".nox" / "peft_suite.tsv"
+        if not reference.exists():
+            reference = ROOT / ".nox" / "upstream_unpatched.tsv"
+        if not reference.exists():
+            session.run(stock, "tests/upstream/peft_tests.py", "run", str(unpatched), str(reference), env=env,
+                        external=True)
+        session.log(f"unpatched outcomes: {reference}")
+        session.run("python", "tests/upstream/peft_tests.py", "run", str(patched), str(work / "patched.tsv"), env=env)
+        session.run("python", "tests/upstream/peft_tests.py", "compare", str(reference), str(work / "patched.tsv"),
+                    "--record", str(ROOT / ".nox" / "upstream_peft_tests.tsv"), env=env)
+        # (b) the behaviour scenarios with PEFT's own fields, peft_buffers disabled, bitwise vs peft_buffers
+        session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/upstream", env=env)
+        # (c) files cross between the patched PEFT and stock PEFT + peft_buffers.enable()
+        cross = work / "cross"
+        session.run("python", "tests/upstream/cross_check.py", "write", "native", str(cross / "native"), env=env)
+        session.run(stock, "tests/upstream/cross_check.py", "write", "peft_buffers", str(cross / "peft_buffers"),
+                    env=env, external=True)
+        session.run("python", "tests/upstream/cross_check.py", "read", "native", str(cross / "peft_buffers"), env=env)
+        session.run(stock, "tests/upstream/cross_check.py", "read", "peft_buffers", str(cross / "native"), env=env,
+                    external=True)
+        session.run("python", "-m", "peft_buffers", "doctor", env=env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -38,6 +38,7 @@ from packaging.version import Version
 from . import __version__, _patch
 from ._errors import CommandError, PeftBuffersError
 from ._integrations.transformers_adapters import mixin_min_peft
+from ._native_fields import NATIVE_FIELDS_NOTE, peft_has_native_fields
 from ._registry import (
     GET,
     README_END,
@@ -142,6 +143,9 @@ def doctor_report(deep: bool = False) -> dict:
     report: dict = {"versions": versions, "entry": None, "tested_release": False, "tested_transformers": False,
                     "sites": [], "hooks": [], "unpatched": [], "import_failures": [], "problems": [], "notes": [],
                     "unusable": []}
+    report["native_fields"] = peft_has_native_fields()  # issue 11: PEFT's own save_running_stats/parameters_to_save
+    if report["native_fields"]:
+        report["notes"].append(NATIVE_FIELDS_NOTE)
     peft_version = _patch.installed_peft_version()
     report["unusable"] = _unusable_paths(peft_version, versions["transformers"])
     if versions["torch"] is not None and Version(versions["torch"]).public != TESTED_TORCH:

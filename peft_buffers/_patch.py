@@ -24,6 +24,7 @@ from ._adapter_file import check_adapter_path
 from ._errors import PeftBuffersError, UnsupportedPeftVersion
 from ._integrations import plan_transformers_hooks, transformers_status
 from ._load_plan import plan_load, raise_for_mismatches
+from ._native_fields import model_uses_native_fields
 from ._registry import GET, SET, AdapterHook, PatchEntry, entry_for, newest_entry, supported_range
 from ._state import BASE, is_running_stat
 from ._store import install_optimizer_hook, remove_optimizer_hook
@@ -164,6 +165,8 @@ def _make_get(original: Callable, peft_saved_keys: Callable) -> Callable:
         model = bound.arguments["model"]
         if bound.arguments.get("unwrap_compiled"):
             model = getattr(model, "_orig_mod", model)
+        if model_uses_native_fields(model):  # issue 11: this PEFT saves the model's extra state itself
+            return result
         extra = _extra_state_for_save(
             model, bound.arguments["adapter_name"], bound.arguments.get("state_dict"), set(result), peft_saved_keys
         )
@@ -256,6 +259,8 @@ def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         root = bound.arguments["model"]
+        if model_uses_native_fields(root):  # issue 11: this PEFT loads the model's extra state itself
+            return original(*args, **kwargs)
         adapter_name = bound.arguments["adapter_name"]
         incoming = bound.arguments[sd_param]
         plan = plan_load(
@@ -298,7 +303,7 @@ def _after_adapter_change(root, peft_saved_keys: Callable) -> None:
     A deleted adapter that is still live (PEFT < 0.16 leaves it active until ``set_adapter``) is forgotten at
     the next switch.
     """
-    if _patch is None:
+    if _patch is None or model_uses_native_fields(root):  # issue 11: that PEFT switches the state itself
         return
     pv.sync(root, peft_saved_keys)
     store = pv.attached_store(root)
@@ -354,7 +359,7 @@ def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable)
         @contextlib.contextmanager
         def disable_adapter(self, *args, **kwargs):
             with original(self, *args, **kwargs) as value:
-                store = pv.attached_store(self) if _patch is not None else None
+                store = pv.attached_store(self) if _patch is not None and not model_uses_native_fields(self) else None
                 if store is None:
                     yield value
                     return
