@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ._errors import CorruptAdapterFile, ExtraStateMismatch, IncompatibleAdapterWeights
+from ._load_plan import _dtype_kind
 
 __all__ = ["TensorHeader", "check_adapter_path", "check_safetensors_file", "check_state_dict_fits",
            "find_weights_file"]
@@ -192,14 +193,6 @@ def check_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[st
     return check_safetensors_file(path)
 
 
-def _kind(dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "bool"
-    if dtype.is_complex:
-        return "complex"
-    return "float" if dtype.is_floating_point else "integer"
-
-
 def _shape_fits(live: torch.Tensor, value: torch.Tensor) -> bool:
     if tuple(live.shape) == tuple(value.shape):
         return True
@@ -235,9 +228,9 @@ def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, Any], live
             mismatches.append(ExtraStateMismatch(key, "shape differs from the model's tensor",
                                                  f"shape {tuple(target.shape)}", f"shape {tuple(value.shape)}",
                                                  _FIX_SHAPE))
-        elif _kind(target.dtype) != _kind(value.dtype):
+        elif _dtype_kind(target.dtype) != _dtype_kind(value.dtype):
             mismatches.append(ExtraStateMismatch(key, "dtype of another kind than the model's tensor",
-                                                 f"a {_kind(target.dtype)} dtype like {target.dtype}",
+                                                 f"a {_dtype_kind(target.dtype)} dtype like {target.dtype}",
                                                  str(value.dtype), _FIX_KIND))
     if mismatches:
         raise IncompatibleAdapterWeights(type(module).__name__, mismatches)
