@@ -202,6 +202,22 @@ def _shape_fits(live: torch.Tensor, value: torch.Tensor) -> bool:
     return live.dim() > 0 and live.shape[-1] == 1 and live.numel() * 2 == value.numel()
 
 
+def _loads_its_own_way(module: nn.Module, key: str) -> bool:
+    """Whether a module on ``key``'s path has load pre-hooks or its own ``_load_from_state_dict`` (other than
+    the norm layers', which only upgrade old ``num_batches_tracked`` keys)."""
+    for part in ["", *key.split(".")[:-1]]:
+        if part:
+            module = module._modules.get(part) if isinstance(module, nn.Module) else None
+            if module is None:
+                return False
+        if module._load_state_dict_pre_hooks:
+            return True
+        loader = type(module)._load_from_state_dict
+        if loader is not nn.Module._load_from_state_dict and not isinstance(module, nn.modules.batchnorm._NormBase):
+            return True
+    return False
+
+
 def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, Any], live: Mapping[str, torch.Tensor],
                           assign: bool = False) -> None:
     """Raise :class:`~peft_buffers.IncompatibleAdapterWeights` if a tensor would not fit its live tensor.
@@ -224,6 +240,8 @@ def check_state_dict_fits(module: nn.Module, state_dict: Mapping[str, Any], live
         value = state_dict.get(key)
         if not isinstance(value, torch.Tensor) or is_lazy(target):
             continue  # torch reports non-tensors itself; lazy tensors take the incoming shape
+        if _loads_its_own_way(module, key):
+            continue  # a load hook or a module's own loader may reshape (AdaMSS' subspaces): torch decides
         if not _shape_fits(target, value):
             mismatches.append(ExtraStateMismatch(key, "shape differs from the model's tensor",
                                                  f"shape {tuple(target.shape)}", f"shape {tuple(value.shape)}",

@@ -120,7 +120,7 @@ def resolve_key(
         allowed = view.wrapper_children(module)
         if allowed is None:
             return _Unresolved(live.rstrip(".") or "the base model", name, module)
-        if name in module._modules:  # an adapter's ParameterDict (LoHa's hada_w1_a, IA3's ia3_l): PEFT's
+        if name in module._modules or _names_adapter_state(module, name):  # LoHa's hada_w1_a, SHiRA's indices
             return _PEFT
         if isinstance(module, view.owned_types) and wraps_for_adapter(module):
             return _PEFT
@@ -128,6 +128,15 @@ def resolve_key(
         if inner is None:
             return _Unresolved(live.rstrip(".") or "the base model", name, module)
         module, live = module._modules[inner], f"{live}{inner}."
+
+
+def _names_adapter_state(module: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a tuner layer's own per-adapter state: an attribute of the layer itself, or one of
+    the names a PEFT tuner layer declares (``adapter_layer_names``, ``other_param_names``)."""
+    if name in module.__dict__:
+        return True
+    declared = (*getattr(module, "adapter_layer_names", ()), *getattr(module, "other_param_names", ()))
+    return any(name == n or name.startswith(f"{n}_") for n in declared)
 
 
 _FIX_SHAPE = (

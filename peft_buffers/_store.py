@@ -377,10 +377,14 @@ def _index_parameters(store: ExtraStateStore, parameters: Mapping[str, TensorPla
 
 def _before_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     groups = optimizer.param_groups
-    signature = tuple(len(group["params"]) for group in groups)
+    # Only a trainable parameter can be stepped: an optimizer given model.parameters() holds every frozen base
+    # weight too, and copying those would double the model's memory (and take PEFT's merges for training).
+    signature = tuple((len(g["params"]), sum(1 for p in g["params"] if p.requires_grad)) for g in groups)
     if _checked.get(optimizer) == signature:
         return
     for param in _parameters_of(groups):
+        if not param.requires_grad:
+            continue
         entry = _PARAMETER_INDEX.get(id(param))
         if entry is None or entry[2]() is not param:
             continue

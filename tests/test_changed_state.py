@@ -314,3 +314,12 @@ def test_disable_adapter_shows_the_base_value_of_a_trained_direct_parameter(enab
         assert torch.equal(model.get_base_model().pos_embed, torch.zeros(1, 6, 1, 1))
         assert same_output(model, MODELS["features"][0]().eval(), "features")
     assert not torch.equal(model.get_base_model().pos_embed, torch.zeros(1, 6, 1, 1))
+
+
+def test_an_optimizer_given_every_parameter_copies_only_trainable_ones(enabled):
+    # PEFT's own tests (and many users) pass model.parameters(): frozen base weights must not be copied, and a
+    # later merge_adapter() must not look like training (PEFT's test_disable_adapters_with_merging).
+    model = lora("features")
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    store = model.__dict__["_peft_buffers_store"]
+    assert not any(key.endswith(("stem.base_layer.weight", "stem.weight", "head.weight")) for key in store.reference)
