@@ -15,17 +15,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peft_buffers
+from tests.zoo import _seeded
 
 ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-
-def seeded(make):
-    def build():
-        torch.manual_seed(0)
-        return make()
-
-    return build
 
 
 class SpectralNet(nn.Module):
@@ -80,9 +73,9 @@ class Features(nn.Module):
 
 
 MODELS = {
-    "spectral": (seeded(SpectralNet), lambda: torch.randn(4, 3, 5, 5), ["head"]),
-    "router": (seeded(RouterMoE), lambda: torch.randn(16, 6), ["head"]),
-    "features": (seeded(Features), lambda: torch.randn(4, 3, 5, 5), ["stem"]),
+    "spectral": (_seeded(SpectralNet), lambda: torch.randn(4, 3, 5, 5), ["head"]),
+    "router": (_seeded(RouterMoE), lambda: torch.randn(16, 6), ["head"]),
+    "features": (_seeded(Features), lambda: torch.randn(4, 3, 5, 5), ["stem"]),
 }
 
 
@@ -124,6 +117,14 @@ def same_output(a, b, name):
 
 def saved(path):
     return load_file(str(path / ADAPTER_FILE))
+
+
+def assert_file_is_stocks(model, tmp_path):
+    """Saved with peft_buffers and then without it: the two adapter files must be the same bytes."""
+    model.save_pretrained(tmp_path / "ours", safe_serialization=True)
+    peft_buffers.disable()
+    model.save_pretrained(tmp_path / "stock", safe_serialization=True)
+    assert (tmp_path / "ours" / ADAPTER_FILE).read_bytes() == (tmp_path / "stock" / ADAPTER_FILE).read_bytes()
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -197,10 +198,7 @@ def test_frozen_batchnorm_in_eval_mode_saves_no_statistics(enabled, tmp_path):
     model(inputs("features")).pow(2).mean().backward()
     optimizer.step()
     model.eval()
-    model.save_pretrained(tmp_path / "ours", safe_serialization=True)
-    peft_buffers.disable()
-    model.save_pretrained(tmp_path / "stock", safe_serialization=True)
-    assert (tmp_path / "ours" / ADAPTER_FILE).read_bytes() == (tmp_path / "stock" / ADAPTER_FILE).read_bytes()
+    assert_file_is_stocks(model, tmp_path)
 
 
 def test_a_cast_after_wrapping_is_not_a_change(enabled, tmp_path):
@@ -285,10 +283,7 @@ def test_llm_and_convnext_files_are_byte_identical_to_stock(enabled, tmp_path, m
         model(**batch()).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    model.save_pretrained(tmp_path / "ours", safe_serialization=True)
-    peft_buffers.disable()
-    model.save_pretrained(tmp_path / "stock", safe_serialization=True)
-    assert (tmp_path / "ours" / ADAPTER_FILE).read_bytes() == (tmp_path / "stock" / ADAPTER_FILE).read_bytes()
+    assert_file_is_stocks(model, tmp_path)
 
 
 def test_a_direct_parameter_survives_add_adapter_freezing_it(enabled, tmp_path):
