@@ -1,6 +1,6 @@
 """Compatibility matrix: the behaviour tests on every PEFT release line in the registry, one venv per line.
 
-    nox -s compat                     # all 16 lines (0.6 ... 0.21), sequentially
+    nox -s compat                     # every line (0.6 ... 0.22), sequentially
     nox -s "compat(0.13)"             # one line
     nox -s compat -- tests/test_save_load.py -x    # other pytest arguments (default: tests)
 
@@ -79,13 +79,16 @@ def compat(session: nox.Session, line: str) -> None:
 
 
 # --- integration sessions (issue 6) ---
-# Integration paths (tests/integrations): each session reuses the shared base venvs above and PEFT 0.21.2.
-#     nox -s transformers_native      # model.add_adapter / load_adapter / set_adapter on transformers 5.23, 4.57.6
+# Integration paths (tests/integrations): each session reuses the shared base venvs above and the newest line's
+# tested PEFT release with its transformers pin.
+#     nox -s transformers_native      # model.add_adapter / load_adapter / set_adapter: 5.25 + 0.22, 5.23 + 0.21, 4.57
 #     nox -s distributed              # accelerate DDP and torch FSDP2, 2 processes each on gloo (CPU)
 #     nox -s peft_suite               # PEFT's own save/load tests, stock vs peft_buffers.enable(): same outcomes
-INTEGRATION_PEFT = "0.21.2"
-# transformers 5.24 refuses every released PEFT for its own adapter methods (it wants >= 0.22).
-NATIVE_TRANSFORMERS = ("5.23.0", "4.57.6")
+NEWEST = REGISTRY[list(REGISTRY)[-1]]
+INTEGRATION_PEFT = NEWEST.tested
+INTEGRATION_TRANSFORMERS = NEWEST.transformers
+# (transformers, peft) pairs: 5.24 and later want PEFT >= 0.22 for their own adapter methods, 5.23 the older lines.
+NATIVE_PAIRS = ((INTEGRATION_TRANSFORMERS, INTEGRATION_PEFT), ("5.23.0", "0.21.2"), ("4.57.6", INTEGRATION_PEFT))
 # Test-only needs of PEFT's own test files (imported at module level by tests/testing_common.py & co.;
 # scikit-learn: AdaMSS; attrs: peft.tuners.lora.corda imports it without declaring it).
 PEFT_SUITE_TOOLS = ("diffusers==0.42.1", "datasets==5.2.0", "scipy==1.17.1", "parameterized==0.9.0",
@@ -94,16 +97,18 @@ INTEGRATION_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_
                    "PYTHONPATH": str(ROOT)}
 
 
-def _integration_venv(session: nox.Session, transformers: str) -> None:
+def _integration_venv(session: nox.Session, transformers: str = INTEGRATION_TRANSFORMERS,
+                      peft: str = INTEGRATION_PEFT) -> None:
     _link_base(session, _shared_base(session, transformers))
-    session.install("--no-deps", f"peft=={INTEGRATION_PEFT}")
+    session.install("--no-deps", f"peft=={peft}")
 
 
 @nox.session
-@nox.parametrize("transformers", [nox.param(v, id=v.rsplit(".", 1)[0]) for v in NATIVE_TRANSFORMERS])
-def transformers_native(session: nox.Session, transformers: str) -> None:
+@nox.parametrize("transformers,peft", [nox.param(t, p, id=f"{t.rsplit('.', 1)[0]}+peft{p.rsplit('.', 1)[0]}")
+                                       for t, p in NATIVE_PAIRS])
+def transformers_native(session: nox.Session, transformers: str, peft: str) -> None:
     """transformers-native adapters keep per-adapter extra state (issue 6)."""
-    _integration_venv(session, transformers)
+    _integration_venv(session, transformers, peft)
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
                 *(session.posargs or ["tests/integrations/test_transformers_native.py"]), env=INTEGRATION_ENV)
 
@@ -111,15 +116,15 @@ def transformers_native(session: nox.Session, transformers: str) -> None:
 @nox.session
 def distributed(session: nox.Session) -> None:
     """accelerate DDP (accelerate launch) and FSDP2 (torchrun), 2 CPU processes on gloo (issue 6)."""
-    _integration_venv(session, REGISTRY["0.21"].transformers)
+    _integration_venv(session)
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "--runslow",
                 *(session.posargs or ["tests/integrations/test_distributed.py"]), env=INTEGRATION_ENV)
 
 
 @nox.session
 def peft_suite(session: nox.Session) -> None:
-    """PEFT 0.21.2's save/load tests from its sdist, stock and with peft_buffers: identical outcomes (issue 6)."""
-    _integration_venv(session, "5.23.0")
+    """PEFT's save/load tests from the newest line's sdist, stock and with peft_buffers: identical outcomes."""
+    _integration_venv(session)
     session.install(*PEFT_SUITE_TOOLS)
     session.run("python", "tests/integrations/peft_suite.py", "--record", str(ROOT / ".nox" / "peft_suite.tsv"),
                 *session.posargs, env=INTEGRATION_ENV)
@@ -132,7 +137,7 @@ def peft_suite(session: nox.Session) -> None:
 #     nox -s vision                    # ~3 min to build the venv once (torch 2.14.1 is ~5.5 GB), ~1 min of tests
 #     nox -s vision -- -k timm -x      # other pytest arguments (default: tests/vision)
 VISION_STACK = ("torch==2.14.1", "torchvision==0.29.1", "timm==1.0.31", f"peft=={INTEGRATION_PEFT}",
-                f"transformers=={REGISTRY['0.21'].transformers}", ACCELERATE, "safetensors==0.8.0",
+                f"transformers=={INTEGRATION_TRANSFORMERS}", ACCELERATE, "safetensors==0.8.0",
                 "packaging==26.4", "pytest==9.2.0", "hypothesis==6.170.17")
 
 
@@ -147,14 +152,14 @@ def vision(session: nox.Session) -> None:
 
 # --- TRL (issue 12) ---
 #     nox -s trl                      # SFTTrainer(peft_config=...): save_model + reload bitwise, audit of train()
-# TRL pins checked with PEFT 0.21.2 and the 0.21 line's transformers (its shared base, so no new torch venv).
+# TRL's newest release with the newest line's PEFT and transformers (its shared base, so no new torch venv).
 TRL_TOOLS = ("trl==1.16.0", "datasets==5.2.0")
 
 
 @nox.session
 def trl(session: nox.Session) -> None:
     """TRL SFTTrainer with peft_config keeps a trained direct parameter through save_model (issue 12)."""
-    _integration_venv(session, REGISTRY["0.21"].transformers)
+    _integration_venv(session)
     session.install(*TRL_TOOLS)
     session.run("python", "-m", "pip", "check")
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -218,14 +223,14 @@ def crossversion(session: nox.Session) -> None:
 
 
 # --- upstream patch series (issue 11) ---
-#     nox -s upstream     # PEFT 0.21.2's sdist + patches/peft-v0.21.2 in its own venv, then
+#     nox -s upstream     # the newest line's PEFT sdist + patches/peft-v<that release> in its own venv, then
 #       (a) PEFT's own save/load selection (peft_suite's FILES/SELECT) plus the series' tests: no new failures vs the
 #           unpatched outcomes (.nox/peft_suite.tsv from `nox -s peft_suite` when present, else run here);
 #       (b) tests/upstream: the behaviour scenarios with PEFT's own fields, bitwise equal to peft_buffers';
 #       (c) tests/upstream/cross_check.py: files written by the patched PEFT load with stock PEFT + peft_buffers
 #           and the other way round, bitwise.
 UPSTREAM_PATCHES = ROOT / "patches" / f"peft-v{INTEGRATION_PEFT}"
-UPSTREAM_TRANSFORMERS = "5.23.0"  # the pin peft_suite uses: one shared base for both sessions
+UPSTREAM_TRANSFORMERS = INTEGRATION_TRANSFORMERS  # the pin peft_suite uses: one shared base for both sessions
 
 
 def _unpacked_sdist(session: nox.Session, work: Path) -> Path:
@@ -270,7 +275,7 @@ def _stock_venv(session: nox.Session, base_site: Path, session_site: Path) -> Pa
 
 @nox.session
 def upstream(session: nox.Session) -> None:
-    """PEFT 0.21.2 + patches/peft-v0.21.2: PEFT's save/load tests, the scenarios without peft_buffers, cross-check."""
+    """PEFT + patches/peft-v<release>: PEFT's save/load tests, the scenarios without peft_buffers, cross-check."""
     import shutil
     import tempfile
 

@@ -162,11 +162,18 @@ def doctor_report(deep: bool = False) -> dict:
     report["tested_transformers"] = versions["transformers"] == entry.transformers
     if not report["tested_release"]:
         report["notes"].append(f"CI tests the {entry.line}.x line with peft {entry.tested}, not {peft_version}")
+    if not entry.covers(peft_version):
+        report["notes"].append(f"peft {peft_version} is newer than every registry line: the {entry.line}.x entry "
+                               f"is used because its binding sites and adapter methods match this release")
     if not report["tested_transformers"]:
         report["notes"].append(f"CI pairs peft {entry.line}.x with transformers {entry.transformers}, "
                                f"not {versions['transformers']}")
     if deep:
         report["import_failures"] = _import_every_peft_module()
+    differences = _patch.structure_differences(entry)
+    if differences:
+        report["problems"] += [f"the {entry.line}.x entry does not match this peft: {d}" for d in differences]
+        return report
     was_enabled = _patch.is_enabled()
     try:
         with warnings.catch_warnings():
@@ -189,8 +196,12 @@ def doctor_report(deep: bool = False) -> dict:
         if not site["patched"]:
             report["problems"].append(f"{site['site']} is not patched")
     for site in report["unpatched"]:
-        report["problems"].append(f"{site} still binds PEFT's original function: add its module to the registry "
-                                  f"entry for peft {entry.line}")
+        if site.startswith("peft."):
+            report["problems"].append(f"{site} still binds PEFT's original function: add its module to the "
+                                      f"registry entry for peft {entry.line}")
+        else:  # a user's module: `from peft.utils import get_peft_model_state_dict` ran before enable()
+            report["problems"].append(f"{site} still binds PEFT's original function (imported before "
+                                      f"peft_buffers.enable()): call enable() before that import")
     return report
 
 

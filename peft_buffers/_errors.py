@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 __all__ = [
     "CommandError",
@@ -35,20 +36,36 @@ class CommandError(PeftBuffersError):
 
 
 class UnsupportedPeftVersion(PeftBuffersError, RuntimeError):
-    """The installed PEFT release is not in the version registry.
+    """The installed PEFT release cannot be patched: outside the version registry, or its structure differs.
+
+    ``differences`` names what differs from the registry entry (a binding site, a method, a signature); empty
+    when the version itself is refused (older than the table, or a new major version).
 
     Example:
-        >>> str(UnsupportedPeftVersion("0.5.0", ">=0.21.0,<0.22.0")).startswith("peft 0.5.0")
+        >>> str(UnsupportedPeftVersion("0.5.0", ">=0.6.0, <0.23.0")).startswith("peft 0.5.0")
         True
+        >>> print(UnsupportedPeftVersion("0.23.0", ">=0.6.0, <0.23.0", ["x has parameters (a,)"]))
+        ... # doctest: +ELLIPSIS
+        peft 0.23.0 is not supported by peft_buffers: it differs from the registry entry it would use: x has ...
     """
 
-    def __init__(self, version: str, supported: str):
+    def __init__(self, version: str, supported: str, differences: Sequence[str] = ()):
         self.version = version
         self.supported = supported
+        self.differences = list(differences)
+        if self.differences:
+            shown = "; ".join(self.differences[:10])
+            more = f" (and {len(self.differences) - 10} more)" if len(self.differences) > 10 else ""
+            super().__init__(
+                f"peft {version} is not supported by peft_buffers: it differs from the registry entry it would "
+                f"use: {shown}{more}. Install a release of a tested line ({supported}), or call "
+                f"peft_buffers.enable(allow_untested=True) to patch it anyway at your own risk."
+            )
+            return
         super().__init__(
-            f"peft {version} is not supported by peft_buffers (supported: {supported}). "
-            f"Install a supported peft release, or call peft_buffers.enable(allow_untested=True) to use the "
-            f"newest registry entry at your own risk."
+            f"peft {version} is not supported by peft_buffers (supported: {supported}, and newer releases of the "
+            f"same major version whose structure matches the newest entry). Install a supported peft release, or "
+            f"call peft_buffers.enable(allow_untested=True) to use the newest registry entry at your own risk."
         )
 
 

@@ -22,10 +22,11 @@ from packaging.version import Version
 from . import _peft_view as pv
 from ._adapter_file import check_adapter_path
 from ._errors import PeftBuffersError, UnsupportedPeftVersion
+from ._healthcheck import extra_state_report
 from ._integrations import plan_transformers_hooks, transformers_status
 from ._load_plan import plan_load, raise_for_mismatches
 from ._native_fields import model_uses_native_fields
-from ._registry import GET, SET, AdapterHook, PatchEntry, entry_for, newest_entry, supported_range
+from ._registry import GET, SET, AdapterHook, PatchEntry, beyond_table, entry_for, newest_entry, supported_range
 from ._state import BASE, is_running_stat
 from ._store import install_optimizer_hook, remove_optimizer_hook
 from ._targets import resolve_target
@@ -76,52 +77,107 @@ def installed_peft_version() -> Version:
 def select_entry(version: Version, allow_untested: bool = False) -> tuple[PatchEntry, bool]:
     """The registry entry for ``version`` and whether that exact release is untested.
 
-    Raises :class:`UnsupportedPeftVersion` for a version outside every range, unless ``allow_untested``.
+    A release of a listed line newer than the one CI tests, or a release newer than every line but of the same
+    major version, gets the nearest entry and ``untested=True``: :func:`enable` uses it only when the entry's
+    structure verifies on the installed PEFT (:func:`structure_differences`). Anything else (older than the
+    table, a new major version) raises :class:`UnsupportedPeftVersion`, unless ``allow_untested``.
 
     Example:
         >>> select_entry(Version(newest_entry().tested))[1]
         False
+        >>> select_entry(Version("0.99.0"))[0] is newest_entry()
+        True
     """
     entry = entry_for(version)
-    if entry is None:
-        if not allow_untested:
-            raise UnsupportedPeftVersion(str(version), supported_range())
-        entry = newest_entry()
-        warnings.warn(
-            f"peft {version} is outside every range peft_buffers was tested on; using the entry for "
-            f"{entry.line}.x (tested with {entry.tested}) because allow_untested=True.",
-            stacklevel=3,
-        )
-        return entry, True
-    if version > Version(entry.tested):
-        warnings.warn(
-            f"peft {version} is newer than {entry.tested}, the release of the {entry.line}.x line that "
-            f"peft_buffers was tested with; using that line's patch.",
-            stacklevel=3,
-        )
-        return entry, True
-    return entry, False
+    if entry is not None:
+        return entry, version > Version(entry.tested)
+    if beyond_table(version):
+        return newest_entry(), True
+    if not allow_untested:
+        raise UnsupportedPeftVersion(str(version), supported_range())
+    entry = newest_entry()
+    warnings.warn(
+        f"peft {version} is outside every range peft_buffers was tested on; using the entry for "
+        f"{entry.line}.x (tested with {entry.tested}) because allow_untested=True.",
+        stacklevel=3,
+    )
+    return entry, True
 
 
-# ------------------------------------------------------------------------------------------- wrappers
+def _untested_message(version: Version, entry: PatchEntry) -> str:
+    if entry.covers(version):
+        return (f"peft {version} is newer than {entry.tested}, the release of the {entry.line}.x line that "
+                f"peft_buffers was tested with; using that line's patch.")
+    return (f"peft {version} is newer than every release peft_buffers was tested with (newest: {entry.tested}); "
+            f"its binding sites and adapter methods match the {entry.line}.x entry, so that entry is used. "
+            f"`python -m peft_buffers doctor --deep` shows what is patched.")
 
 
-def _param_names(fn: Callable) -> tuple[str, ...]:
+def _params(fn: Any) -> tuple[str, ...]:
+    fn = getattr(fn, "__func__", fn)  # a classmethod object
     return tuple(inspect.signature(fn).parameters)
 
 
-def _check_signature(fn: Callable, expected: tuple[str, ...], what: str, untested: bool) -> None:
-    found = _param_names(fn)
-    if found[: len(expected)] == expected:
-        return
-    message = (
-        f"{what} has parameters {found}, but the registry entry expects {expected}: this PEFT release differs "
-        f"from the one the entry was written for."
-    )
-    if untested and found[:3] == expected[:3]:
-        warnings.warn(message + " Continuing because allow_untested=True.", stacklevel=4)
-        return
-    raise PeftBuffersError(message + " Add or fix the registry entry (peft_buffers/_registry.py).")
+def structure_differences(entry: PatchEntry) -> list[str]:
+    """What the installed PEFT lacks of ``entry``'s structure; empty when the entry applies as written.
+
+    Checked: the parameters of ``get_/set_peft_model_state_dict``; every binding site exists and binds them;
+    no other imported PEFT module binds them (a caller the patch would miss); every hooked method is defined on
+    its class with the leading parameters its wrapper binds. A function object replaced by another library is
+    not a difference of PEFT's: :func:`enable` reports it separately.
+
+    Example:
+        >>> structure_differences(select_entry(installed_peft_version(), allow_untested=True)[0])
+        []
+    """
+    import sys
+
+    differences = []
+    save_and_load = importlib.import_module("peft.utils.save_and_load")
+    originals = {}
+    for name, expected, sites in ((GET, entry.get_signature, entry.get_sites),
+                                  (SET, entry.set_signature, entry.set_sites)):
+        original = getattr(save_and_load, name, None)
+        if original is None:
+            differences.append(f"peft.utils.save_and_load.{name} does not exist")
+            continue
+        original = getattr(original, "__wrapped__", original)
+        originals[name] = original
+        found = _params(original)
+        if found[: len(expected)] != expected:
+            differences.append(f"{name} has parameters {found}; the {entry.line} entry expects {expected}")
+        for site in sites:
+            try:
+                module = importlib.import_module(site)
+            except ImportError as error:
+                differences.append(f"binding site {site} does not import ({error})")
+                continue
+            if not hasattr(module, name):
+                differences.append(f"binding site {site} no longer binds {name}")
+        unlisted = sorted(module_name for module_name, module in list(sys.modules.items())
+                          if (module_name == "peft" or module_name.startswith("peft.")) and module_name not in sites
+                          and getattr(module, "__dict__", {}).get(name) is original)
+        differences += [f"{module_name} binds {name} but is not a binding site of the {entry.line} entry"
+                        for module_name in unlisted]
+    for hook in entry.adapter_hooks:
+        try:
+            owner, attr = resolve_target(hook.target)
+        except (ImportError, AttributeError) as error:
+            differences.append(f"{hook.target} cannot be found ({error})")
+            continue
+        method = owner.__dict__.get(attr)
+        if method is None:
+            differences.append(f"{hook.target} is not defined on {owner.__qualname__}")
+            continue
+        method = getattr(method, "__wrapped__", method)
+        found = _params(method)
+        if found[: len(hook.params)] != hook.params:
+            differences.append(f"{hook.target} has parameters {found}; its {hook.kind!r} hook expects "
+                               f"{hook.params}")
+    return differences
+
+
+# ------------------------------------------------------------------------------------------- wrappers
 
 
 def _peft_saved_keys_factory(original_get: Callable) -> Callable:
@@ -134,7 +190,7 @@ def _peft_saved_keys_factory(original_get: Callable) -> Callable:
         if adapter_name is None or adapter_name not in getattr(root, "peft_config", {}):
             return set()
         kwargs = {"adapter_name": adapter_name}
-        if "save_embedding_layers" in _param_names(original_get):
+        if "save_embedding_layers" in _params(original_get):
             kwargs["save_embedding_layers"] = True
         if candidates is not None:
             if not candidates:
@@ -250,7 +306,7 @@ def _warn_unsaved(store, adapter_name: str, found) -> None:
 
 def _make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
     signature = inspect.signature(original)
-    sd_param = _param_names(original)[1]
+    sd_param = _params(original)[1]
 
     @functools.wraps(original)
     def set_peft_model_state_dict(*args, **kwargs):
@@ -404,6 +460,20 @@ def _make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable)
 
         return _WrappedClassMethod(from_pretrained, original)
 
+    if hook.kind == "report":
+
+        @functools.wraps(original)
+        def healthcheck(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if _patch is None or model_uses_native_fields(self) or not isinstance(result, dict):
+                return result
+            added = extra_state_report(self, peft_saved_keys)
+            result["peft_buffers"] = added["peft_buffers"]
+            result.setdefault("findings", []).extend(added["findings"])
+            return result
+
+        return healthcheck
+
     raise ValueError(f"unknown adapter hook kind {hook.kind!r}")
 
 
@@ -454,10 +524,16 @@ def enable(*, allow_untested: bool = False, check_values: bool = True) -> PatchE
             return _patch.entry
         version = installed_peft_version()
         entry, untested = select_entry(version, allow_untested)
+        differences = structure_differences(entry)
+        if differences and not allow_untested:
+            raise UnsupportedPeftVersion(str(version), supported_range(), differences)
+        if differences:
+            warnings.warn(f"peft {version} differs from the {entry.line}.x entry ({'; '.join(differences)}); "
+                          f"continuing because allow_untested=True.", stacklevel=2)
+        elif untested and (entry.covers(version) or beyond_table(version)):
+            warnings.warn(_untested_message(version, entry), stacklevel=2)
         save_and_load = importlib.import_module("peft.utils.save_and_load")
         original_get, original_set = getattr(save_and_load, GET), getattr(save_and_load, SET)
-        _check_signature(original_get, entry.get_signature, GET, untested)
-        _check_signature(original_set, entry.set_signature, SET, untested)
         peft_saved_keys = _peft_saved_keys_factory(original_get)
 
         planned: list[_Binding] = []

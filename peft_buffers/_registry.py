@@ -24,8 +24,8 @@ PEFT, every module that binds the functions, which is how the site lists below w
 Example:
     >>> from packaging.version import Version
     >>> from peft_buffers._registry import entry_for
-    >>> entry_for(Version("0.21.2")).line
-    '0.21'
+    >>> entry_for(Version("0.22.0")).line
+    '0.22'
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Optional
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-__all__ = ["AdapterHook", "PatchEntry", "REGISTRY", "entry_for", "newest_entry", "range_text", "readme_with_table",
-           "support_table", "supported_range"]
+__all__ = ["AdapterHook", "PatchEntry", "REGISTRY", "beyond_table", "entry_for", "newest_entry", "range_text",
+           "readme_with_table", "support_table", "supported_range"]
 
 GET = "get_peft_model_state_dict"
 SET = "set_peft_model_state_dict"
@@ -55,6 +55,7 @@ class AdapterHook:
     * ``"load"``: run the original as one transaction (``_transaction.atomic``) after checking the adapter
       file's header: a load that fails for any reason leaves the model exactly as it was;
     * ``"from_pretrained"``: the same for the classmethod ``PeftModel.from_pretrained``, on the base model passed;
+    * ``"report"``: ``PeftModel.healthcheck`` (PEFT >= 0.22): peft_buffers' findings are added to PEFT's report;
     * ``"forward"``: ``target`` is a ``__getattr__`` that forwards ``method`` to the tuner (PEFT < 0.16 has no
       ``PeftModel.delete_adapter``); the forwarded call is wrapped like a ``"sync"`` hook on the PeftModel.
     """
@@ -62,6 +63,8 @@ class AdapterHook:
     target: str  # "module.path:Class.method"
     kind: str
     method: str = ""  # for kind "forward": the forwarded attribute
+    # The leading parameters the wrapper binds by name; enable() checks them on a release newer than the table.
+    params: tuple[str, ...] = ("self",)
 
 
 @dataclass(frozen=True)
@@ -83,16 +86,22 @@ class PatchEntry:
         return self.versions.contains(version, prereleases=True)
 
 
-_ATTACH = AdapterHook("peft.peft_model:PeftModel.__init__", "attach")
-_SET_ADAPTER = AdapterHook("peft.peft_model:PeftModel.set_adapter", "sync")
+_ATTACH = AdapterHook("peft.peft_model:PeftModel.__init__", "attach", params=("self", "model", "peft_config"))
+_SET_ADAPTER = AdapterHook("peft.peft_model:PeftModel.set_adapter", "sync", params=("self", "adapter_name"))
 _DISABLE = AdapterHook("peft.peft_model:PeftModel.disable_adapter", "disable")
-_LOAD = AdapterHook("peft.peft_model:PeftModel.load_adapter", "load")
-_FROM_PRETRAINED = AdapterHook("peft.peft_model:PeftModel.from_pretrained", "from_pretrained")
+_LOAD = AdapterHook("peft.peft_model:PeftModel.load_adapter", "load", params=("self", "model_id", "adapter_name"))
+_FROM_PRETRAINED = AdapterHook("peft.peft_model:PeftModel.from_pretrained", "from_pretrained",
+                               params=("cls", "model", "model_id", "adapter_name"))
 # PeftModel.delete_adapter exists from 0.16; before, PeftModel.__getattr__ forwards it to the tuner.
 _HOOKS_V06 = (_ATTACH, _SET_ADAPTER, AdapterHook("peft.peft_model:PeftModel.__getattr__", "forward",
-                                                 "delete_adapter"), _DISABLE, _LOAD, _FROM_PRETRAINED)
-_HOOKS_V16 = (_ATTACH, _SET_ADAPTER, AdapterHook("peft.peft_model:PeftModel.delete_adapter", "sync"), _DISABLE,
-              _LOAD, _FROM_PRETRAINED)
+                                                 "delete_adapter", params=("self", "name")),
+              _DISABLE, _LOAD, _FROM_PRETRAINED)
+_HOOKS_V16 = (_ATTACH, _SET_ADAPTER,
+              AdapterHook("peft.peft_model:PeftModel.delete_adapter", "sync", params=("self", "adapter_name")),
+              _DISABLE, _LOAD, _FROM_PRETRAINED)
+
+# PEFT 0.22's pre-training check: peft_buffers adds what training will move outside the adapter.
+_HOOKS_V22 = _HOOKS_V16 + (AdapterHook("peft.peft_model:PeftModel.healthcheck", "report"),)
 
 _GET_V06 = ("model", "state_dict", "adapter_name", "unwrap_compiled")
 _GET_V07 = _GET_V06 + ("save_embedding_layers",)
@@ -153,6 +162,24 @@ REGISTRY: tuple[PatchEntry, ...] = (
                adapter_hooks=_HOOKS_V16),
     PatchEntry("0.21", _line("0.21", "0.22"), "0.21.2", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
                adapter_hooks=_HOOKS_V16),
+    # 0.22 (from the 0.21.2 -> 0.22.0 diff of save_and_load, peft_model, mixed_model, tuners_utils, hotswap):
+    # - the functions keep 0.21's signatures and binding sites; the adapter hooks are the same methods.
+    # - get_peft_model_state_dict filters other adapters' keys by tuner prefix (an adapter named like a module
+    #   path segment no longer truncates the file) and gathers DTensors of the *selected* entries only: the
+    #   extra state the wrapper adds comes from the live model or the caller's state_dict, as before.
+    # - set_peft_model_state_dict(low_cpu_mem_usage=True) puts back the dtype/device of real tensors it assigns
+    #   (modules_to_save, embeddings); the wrapper passes extra state around it, so nothing changes for us.
+    # - load_adapter warns (strict_adapter_check="warn") on missing *and unexpected* adapter keys, and
+    #   from_pretrained no longer filters missing keys itself; the wrapper removes its own keys from both.
+    # - save_pretrained restores peft_config.inference_mode when writing the config fails (try/finally).
+    # - new public PeftModel.merge_adapter / unmerge_adapter (reshard FSDP2 first), healthcheck /
+    #   print_healthcheck (peft_buffers adds its findings), set_adapter refuses a list and unmerges first.
+    # - PeftMixedModel.disable_adapter re-enables only layers that were enabled; load_adapter keeps
+    #   requires_grad of existing parameters across its set_adapter.
+    # - hotswap: adapter keys found by tuner prefix, Conv dilation/padding_mode, config checked against the
+    #   adapter being replaced (not the active one).
+    PatchEntry("0.22", _line("0.22", "0.23"), "0.22.0", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
+               adapter_hooks=_HOOKS_V22, transformers="5.25.0"),
 )
 
 
@@ -180,6 +207,22 @@ def newest_entry() -> PatchEntry:
     return max(REGISTRY, key=lambda e: Version(e.tested))
 
 
+def beyond_table(version: Version) -> bool:
+    """True for a release newer than every line in the table but of the newest line's major version.
+
+    Such a release (a new minor or patch, or PEFT main's next dev version) is used with the newest entry when that
+    entry's structure verifies on it at ``enable()`` time; a new major version is refused.
+
+    Example:
+        >>> from packaging.version import Version
+        >>> beyond_table(Version("0.99.0")), beyond_table(Version("1.0.0")), beyond_table(Version("0.5.0"))
+        (True, False, False)
+    """
+    newest = newest_entry()
+    upper = Version(range_text(newest).split(", ")[-1].lstrip("<"))
+    return Version(version.base_version) >= upper and version.major == upper.major  # 0.23.0.dev0 included
+
+
 README_START = "<!-- support-table:start -->"
 README_END = "<!-- support-table:end -->"
 
@@ -199,7 +242,7 @@ def supported_range() -> str:
 
     Example:
         >>> supported_range()
-        '>=0.6.0, <0.22.0'
+        '>=0.6.0, <0.23.0'
     """
     lowest = min(REGISTRY, key=lambda e: Version(e.tested))
     highest = newest_entry()
@@ -210,7 +253,7 @@ def support_table() -> str:
     """The README's support table, generated from :data:`REGISTRY` (newest line first).
 
     Example:
-        >>> support_table().splitlines()[2].startswith("| 0.21 |")
+        >>> support_table().splitlines()[2].startswith("| 0.22 |")
         True
     """
     rows = [
@@ -296,8 +339,11 @@ _LOAD_V5 = ("self", "peft_model_id", "adapter_name", "peft_config", "adapter_sta
 TRANSFORMERS_REGISTRY: tuple[TransformersEntry, ...] = (
     TransformersEntry(SpecifierSet(">=4.57.0,<5.0.0"), "4.57.6",
                       _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "validate"),), _LOAD_V4, "0.5.0"),
-    TransformersEntry(SpecifierSet(">=5.0.0,<6.0.0"), "5.23.0",
+    TransformersEntry(SpecifierSet(">=5.0.0,<5.24.0"), "5.23.0",
                       _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "load"),), _LOAD_V5, "0.20.0"),
+    # 5.24 raised MIN_PEFT_VERSION to 0.22: the same hooks, tested with PEFT 0.22.0.
+    TransformersEntry(SpecifierSet(">=5.24.0,<6.0.0"), "5.25.0",
+                      _MIXIN_HOOKS + (AdapterHook(f"{_MIXIN}.load_adapter", "load"),), _LOAD_V5, "0.22.0"),
 )
 
 

@@ -15,6 +15,7 @@ import torch
 import peft_buffers
 from peft_buffers.__main__ import main
 from peft_buffers._convert import ConversionRefused, convert
+from peft_buffers._registry import supported_range
 from tests.crossversion.matrix import OUTPUTS, load_outputs, save
 
 # adapter_config.json as PEFT 0.21.2 writes a LoraConfig(r=2, lora_alpha=4, target_modules=[...]).
@@ -129,8 +130,8 @@ def test_what_the_data_cannot_vouch_for_is_refused(tmp_path, config, target, mes
 
 
 @pytest.mark.parametrize(("target", "error", "message"), [
-    ("0.5", ValueError, "--to-peft 0.5: no registry line covers it (supported: >=0.6.0, <0.22.0); choose a PEFT "
-                        "release in that range"),
+    ("0.5", ValueError, f"--to-peft 0.5: no registry line covers it (supported: {supported_range()}); choose a "
+                        "PEFT release in that range"),
     ("latest", ValueError, "--to-peft 'latest' is not a version; expected e.g. 0.13 or 0.13.2"),
 ])
 def test_a_target_outside_the_registry_is_refused(tmp_path, target, error, message):

@@ -15,7 +15,16 @@ from packaging.version import Version
 import peft_buffers
 from peft_buffers import _doctor, _patch
 from peft_buffers.__main__ import main
-from peft_buffers._registry import GET, SET, TESTED_TORCH, entry_for, readme_with_table, support_table
+from peft_buffers._registry import (
+    GET,
+    SET,
+    TESTED_TORCH,
+    entry_for,
+    newest_entry,
+    readme_with_table,
+    support_table,
+    supported_range,
+)
 
 from ._compat import PEFT_VERSION
 
@@ -50,13 +59,25 @@ def test_report_leaves_the_patch_as_it_found_it():
 
 
 def test_an_unsupported_peft_is_a_problem(monkeypatch, capsys):
-    monkeypatch.setattr(_patch, "installed_peft_version", lambda: Version("0.22.0.dev0"))
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: Version("1.0.0.dev0"))
     report = _doctor.doctor_report()
     assert report["entry"] is None and report["sites"] == []
-    assert report["problems"][0].startswith("peft 0.22.0.dev0 is not supported by peft_buffers (supported: "
-                                            ">=0.6.0, <0.22.0)")
+    assert report["problems"][0].startswith(f"peft 1.0.0.dev0 is not supported by peft_buffers (supported: "
+                                            f"{supported_range()}, and newer releases")
     assert doctor([]) == 1
     assert capsys.readouterr().out.rstrip().endswith("result: problems found")
+
+
+def test_a_release_newer_than_the_table_is_reported_with_the_entry_it_uses(monkeypatch, capsys):
+    newest = newest_entry()
+    newer = Version(f"0.{Version(newest.tested).minor + 1}.0")
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: newer)
+    report = _doctor.doctor_report(deep=True)
+    assert report["entry"]["line"] == newest.line and report["problems"] == []
+    assert (f"peft {newer} is newer than every registry line: the {newest.line}.x entry is used because its binding "
+            f"sites and adapter methods match this release") in report["notes"]
+    assert all(site["patched"] for site in report["sites"] + report["hooks"])
+    assert doctor([]) == 0 and doctor(["--strict"]) == 1
 
 
 def test_strict_fails_on_a_release_ci_does_not_test(monkeypatch):
@@ -78,9 +99,23 @@ def test_a_module_binding_the_original_function_unlisted_is_found(monkeypatch):
 
     report = _doctor.doctor_report()
 
-    assert report["unpatched"] == [f"peft.stray_site.{GET}"]
-    assert (f"peft.stray_site.{GET} still binds PEFT's original function: add its module to the registry entry "
-            f"for peft {ENTRY.line}") in report["problems"]
+    assert report["problems"] == [f"the {ENTRY.line}.x entry does not match this peft: peft.stray_site binds {GET} "
+                                  f"but is not a binding site of the {ENTRY.line} entry"]
+    assert report["sites"] == []  # nothing was patched: enable() refuses such a release too
+
+
+def test_a_users_module_that_imported_the_function_before_enable_is_reported_unpatched(monkeypatch):
+    from peft.utils import save_and_load
+
+    script = types.ModuleType("my_training_script")
+    script.get_peft_model_state_dict = save_and_load.get_peft_model_state_dict  # imported before enable()
+    monkeypatch.setitem(sys.modules, "my_training_script", script)
+
+    report = _doctor.doctor_report()
+
+    assert report["unpatched"] == [f"my_training_script.{GET}"]
+    assert report["problems"] == [f"my_training_script.{GET} still binds PEFT's original function (imported before "
+                                  f"peft_buffers.enable()): call enable() before that import"]
 
 
 def test_json_output_is_the_report(capsys):
@@ -137,8 +172,9 @@ def test_an_unusable_pair_is_reported_with_the_newest_tested_transformers_that_a
 
     monkeypatch.setattr(integration, "MIN_PEFT_VERSION", "99.0.0")
     transformers = version("transformers")
-    # The registry: transformers 5.23.0 accepts peft >= 0.20, 4.57.6 accepts >= 0.5.
-    newest = "5.23.0" if PEFT_VERSION >= Version("0.20.0") else "4.57.6"
+    # The registry: transformers 5.25.0 accepts peft >= 0.22, 5.23.0 >= 0.20, 4.57.6 >= 0.5.
+    newest = "5.25.0" if PEFT_VERSION >= Version("0.22.0") else "5.23.0" if PEFT_VERSION >= Version("0.20.0") \
+        else "4.57.6"
 
     report = _doctor.doctor_report()
 

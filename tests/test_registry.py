@@ -1,4 +1,4 @@
-"""The version registry: one entry per PEFT line 0.6 ... 0.21, no gap, no overlap, and true to the installed PEFT.
+"""The version registry: one entry per PEFT line 0.6 ... 0.22, no gap, no overlap, and true to the installed PEFT.
 
 The tests that read the installed PEFT run on every line of the compatibility matrix (``nox -s compat``), so
 each registry entry is checked against the release it names.
@@ -34,11 +34,12 @@ from peft_buffers._targets import resolve_target
 
 from ._compat import PEFT_VERSION
 
-LINES = [f"0.{minor}" for minor in range(6, 22)]
+NEWEST_MINOR = 22
+LINES = [f"0.{minor}" for minor in range(6, NEWEST_MINOR + 1)]
 INSTALLED_ENTRY = entry_for(PEFT_VERSION)
 
 
-def test_one_entry_per_line_from_0_6_to_0_21():
+def test_one_entry_per_line_from_0_6_to_the_newest():
     assert [entry.line for entry in REGISTRY] == LINES
 
 
@@ -49,18 +50,19 @@ def _releases(minor: int) -> list[Version]:
     return found
 
 
-def test_ranges_cover_0_6_0_through_0_21_without_gap_or_overlap():
-    for minor in range(6, 22):
+def test_ranges_cover_0_6_0_through_the_newest_line_without_gap_or_overlap():
+    for minor in range(6, NEWEST_MINOR + 1):
         for version in _releases(minor):
             covering = [entry.line for entry in REGISTRY if entry.covers(version)]
             assert covering == [f"0.{minor}"], version
-    for outside in ("0.5.0", "0.5.9", "0.6.0.dev0", "0.22.0", "0.22.0.dev0", "1.0.0"):
+    beyond = f"0.{NEWEST_MINOR + 1}"
+    for outside in ("0.5.0", "0.5.9", "0.6.0.dev0", f"{beyond}.0", f"{beyond}.0.dev0", "1.0.0"):
         assert entry_for(Version(outside)) is None, outside
 
 
 def test_ranges_are_contiguous():
     bounds = [range_text(entry).split(", ") for entry in REGISTRY]
-    assert supported_range() == f"{bounds[0][0]}, {bounds[-1][1]}" == ">=0.6.0, <0.22.0"
+    assert supported_range() == f"{bounds[0][0]}, {bounds[-1][1]}" == f">=0.6.0, <0.{NEWEST_MINOR + 1}.0"
     for (_, upper), (lower, _) in zip(bounds, bounds[1:]):
         assert upper.lstrip("<") == lower.lstrip(">=")
 
@@ -135,22 +137,100 @@ def test_a_newer_patch_release_of_a_listed_line_is_used_with_a_warning(monkeypat
     assert _patch.patch_status()["untested"] is True
 
 
-@pytest.mark.parametrize("outside", ["0.5.0", "0.22.0.dev0", "0.22.0"])
-def test_a_version_outside_every_range_is_refused(monkeypatch, outside):
+@pytest.mark.parametrize("outside", ["0.5.0", "0.6.0.dev0", "1.0.0", "2.3.0"])
+def test_a_version_older_than_the_table_or_of_a_new_major_is_refused(monkeypatch, outside):
     monkeypatch.setattr(_patch, "installed_peft_version", lambda: Version(outside))
-    expected = f"peft {outside} is not supported by peft_buffers (supported: >=0.6.0, <0.22.0). "
+    expected = f"peft {outside} is not supported by peft_buffers (supported: {supported_range()}, and newer "
     with pytest.raises(UnsupportedPeftVersion, match="^" + re.escape(expected)) as info:
         peft_buffers.enable()
-    assert info.value.version == outside
+    assert info.value.version == outside and info.value.differences == []
     assert not peft_buffers.is_enabled()
 
 
-def test_allow_untested_uses_the_newest_entry_with_a_warning():
-    expected = ("peft 0.22.0.dev0 is outside every range peft_buffers was tested on; using the entry for 0.21.x "
-                "(tested with 0.21.2) because allow_untested=True.")
+# A new PEFT release must not break every user on the day it appears: a newer minor or patch release of the
+# same major is used when the newest entry's structure verifies on it, with one warning.
+BEYOND = [f"0.{NEWEST_MINOR + 1}.0", f"0.{NEWEST_MINOR + 1}.0.dev0", f"0.{NEWEST_MINOR + 7}.3"]
+
+
+@pytest.mark.parametrize("newer", BEYOND)
+def test_a_newer_release_with_the_newest_entrys_structure_is_used_with_one_warning(monkeypatch, newer):
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: Version(newer))
+    newest = newest_entry()
+    with pytest.warns(UserWarning) as record:
+        entry = peft_buffers.enable()
+    ours = [str(w.message) for w in record if "peft_buffers" in str(w.message) or newer in str(w.message)]
+    assert ours == [f"peft {newer} is newer than every release peft_buffers was tested with (newest: "
+                    f"{newest.tested}); its binding sites and adapter methods match the {newest.line}.x entry, so "
+                    f"that entry is used. `python -m peft_buffers doctor --deep` shows what is patched."]
+    assert entry is newest and _patch.patch_status()["untested"] is True
+    assert all(site["patched"] for site in _patch.patch_status()["sites"])
+
+
+def _changed_signature(monkeypatch, hook_kind: str) -> str:
+    """Replace the hooked method of ``hook_kind`` on its class with one whose parameters differ; its target."""
+    hook = next(h for h in newest_entry().adapter_hooks if h.kind == hook_kind)
+    owner, attr = resolve_target(hook.target)
+
+    def renamed(self, path, name="default", **kwargs):  # load_adapter(self, model_id, adapter_name, ...) renamed
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(owner, attr, renamed)
+    return hook.target
+
+
+def test_a_newer_release_whose_method_signature_changed_is_refused_naming_it(monkeypatch):
+    if INSTALLED_ENTRY is not newest_entry():
+        pytest.skip("the newest entry's structure is checked against the newest line's PEFT")
+    newer = Version(f"0.{NEWEST_MINOR + 1}.0")
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: newer)
+    target = _changed_signature(monkeypatch, "load")
+    originals = {name: vars(module).get(name) for name in (GET, SET) for module in [sys.modules["peft"]]}
+    with pytest.raises(UnsupportedPeftVersion) as info:
+        peft_buffers.enable()
+    assert info.value.differences == [
+        f"{target} has parameters ('self', 'path', 'name', 'kwargs'); its 'load' hook expects "
+        "('self', 'model_id', 'adapter_name')"]
+    assert str(info.value).startswith(f"peft {newer} is not supported by peft_buffers: it differs from the registry "
+                                      f"entry it would use: {target} has parameters")
+    assert not peft_buffers.is_enabled()
+    assert {name: vars(sys.modules["peft"]).get(name) for name in (GET, SET)} == originals  # nothing changed
+
+
+def test_a_newer_release_that_binds_the_functions_in_a_new_module_is_refused(monkeypatch):
+    if INSTALLED_ENTRY is not newest_entry():
+        pytest.skip("the newest entry's structure is checked against the newest line's PEFT")
+    import types
+
+    from peft.utils import save_and_load
+
+    newer = Version(f"0.{NEWEST_MINOR + 1}.0")
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: newer)
+    module = types.ModuleType("peft.tuners.made_up")
+    module.get_peft_model_state_dict = save_and_load.get_peft_model_state_dict
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    with pytest.raises(UnsupportedPeftVersion) as info:
+        peft_buffers.enable()
+    assert info.value.differences == [
+        f"peft.tuners.made_up binds {GET} but is not a binding site of the {newest_entry().line} entry"]
+
+
+def test_a_patch_release_of_a_listed_line_whose_structure_changed_is_refused(monkeypatch):
+    newer = _next_patch(Version(INSTALLED_ENTRY.tested))
+    monkeypatch.setattr(_patch, "installed_peft_version", lambda: newer)
+    hook = next(h for h in INSTALLED_ENTRY.adapter_hooks if h.kind == "load")
+    owner, attr = resolve_target(hook.target)
+    monkeypatch.delattr(owner, attr)
+    with pytest.raises(UnsupportedPeftVersion, match=re.escape(f"{hook.target} is not defined on PeftModel")):
+        peft_buffers.enable()
+
+
+def test_allow_untested_uses_the_newest_entry_for_a_new_major_with_a_warning():
+    newest = newest_entry()
+    expected = (f"peft 1.0.0 is outside every range peft_buffers was tested on; using the entry for {newest.line}.x "
+                f"(tested with {newest.tested}) because allow_untested=True.")
     with pytest.warns(UserWarning, match=re.escape(expected)):
-        entry, untested = _patch.select_entry(Version("0.22.0.dev0"), allow_untested=True)
-    assert (entry, untested) == (newest_entry(), True)
+        entry, untested = _patch.select_entry(Version("1.0.0"), allow_untested=True)
+    assert (entry, untested) == (newest, True)
 
 
 def test_the_tested_release_is_used_without_a_warning(recwarn):
