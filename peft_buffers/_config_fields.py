@@ -15,7 +15,7 @@ ABSENT = '<absent>'
 REQUIRED = '<required>'
 
 LINES = ('0.6', '0.7', '0.8', '0.9', '0.10', '0.11', '0.12', '0.13', '0.14', '0.15', '0.16', '0.17', '0.18', '0.19',
-         '0.20', '0.21')
+         '0.20', '0.21', '0.22')
 
 PEFT_TYPES = {
     'ADALORA': (('0.6', 'AdaLoraConfig'),),
@@ -46,6 +46,7 @@ PEFT_TYPES = {
     'MULTITASK_PROMPT_TUNING': (('0.6', 'MultitaskPromptTuningConfig'),),
     'OFT': (('0.7', 'OFTConfig'),),
     'OSF': (('0.18', 'OSFConfig'),),
+    'PACA': (('0.22', 'PacaConfig'),),
     'PEANUT': (('0.19', 'PeanutConfig'),),
     'POLY': (('0.8', 'PolyConfig'),),
     'PREFIX_TUNING': (('0.6', 'PrefixTuningConfig'),),
@@ -72,6 +73,7 @@ FIELDS = {
         'alora_invocation_tokens': (('0.18', None),),
         'alpha_pattern': (('0.6', {}),),
         'arrow_config': (('0.18', None),),
+        'astra_config': (('0.22', None),),
         'auto_mapping': (('0.6', None),),
         'base_model_name_or_path': (('0.6', None),),
         'beta1': (('0.6', 0.85),),
@@ -527,6 +529,7 @@ FIELDS = {
         'alora_invocation_tokens': (('0.18', None),),
         'alpha_pattern': (('0.6', {}),),
         'arrow_config': (('0.18', None),),
+        'astra_config': (('0.22', None),),
         'auto_mapping': (('0.6', None),),
         'base_model_name_or_path': (('0.6', None),),
         'bias': (('0.6', 'none'),),
@@ -650,6 +653,25 @@ FIELDS = {
         'target_modules': (('0.18', None),),
         'target_svd_config': (('0.18', None),),
         'task_type': (('0.18', None),),
+    },
+    'PacaConfig': {
+        'auto_mapping': (('0.22', None),),
+        'base_model_name_or_path': (('0.22', None),),
+        'exclude_modules': (('0.22', None),),
+        'inference_mode': (('0.22', False),),
+        'init_weights': (('0.22', True),),
+        'layers_pattern': (('0.22', None),),
+        'layers_to_transform': (('0.22', None),),
+        'modules_to_save': (('0.22', None),),
+        'paca_alpha': (('0.22', 8),),
+        'paca_indices_pattern': (('0.22', {}),),
+        'peft_type': (('0.22', None),),
+        'peft_version': (('0.22', None),),
+        'r': (('0.22', 8),),
+        'random_seed': (('0.22', None),),
+        'revision': (('0.22', None),),
+        'target_modules': (('0.22', None),),
+        'task_type': (('0.22', None),),
     },
     'PeanutConfig': {
         'act_fn': (('0.19', 'relu'),),

@@ -15,7 +15,7 @@ import torch
 import peft_buffers
 from peft_buffers.__main__ import main
 from peft_buffers._convert import ConversionRefused, convert
-from peft_buffers._registry import supported_range
+from peft_buffers._registry import REGISTRY, supported_range
 from tests.crossversion.matrix import OUTPUTS, load_outputs, save
 
 # adapter_config.json as PEFT 0.21.2 writes a LoraConfig(r=2, lora_alpha=4, target_modules=[...]).
@@ -120,8 +120,8 @@ def test_a_non_default_value_is_refused_naming_field_value_and_release(tmp_path,
      "VERA (VeraConfig) is first supported by PEFT 0.11; PEFT 0.10 has no such adapter type. Load it on PEFT >= 0.11"),
     ({"peft_type": "LORA", "my_field": 1}, "0.13",
      "cannot convert for PEFT 0.13 without changing the adapter (1 problem):\n- adapter_config.json: field my_field "
-     "= 1 is unknown to LoraConfig on every line scanned (0.6 ... 0.21); cannot tell whether PEFT 0.13 loads it the "
-     "same. Remove it by hand if you know it is inert"),
+     f"= 1 is unknown to LoraConfig on every line scanned (0.6 ... {REGISTRY[-1].line}); cannot tell whether PEFT "
+     "0.13 loads it the same. Remove it by hand if you know it is inert"),
 ])
 def test_what_the_data_cannot_vouch_for_is_refused(tmp_path, config, target, message):
     with pytest.raises(ConversionRefused) as refused:

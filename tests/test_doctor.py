@@ -10,6 +10,7 @@ import sys
 import types
 from importlib.metadata import version
 
+import pytest
 from packaging.version import Version
 
 import peft_buffers
@@ -68,6 +69,7 @@ def test_an_unsupported_peft_is_a_problem(monkeypatch, capsys):
     assert capsys.readouterr().out.rstrip().endswith("result: problems found")
 
 
+@pytest.mark.skipif(ENTRY is not newest_entry(), reason="the newest entry is checked against the newest line's PEFT")
 def test_a_release_newer_than_the_table_is_reported_with_the_entry_it_uses(monkeypatch, capsys):
     newest = newest_entry()
     newer = Version(f"0.{Version(newest.tested).minor + 1}.0")

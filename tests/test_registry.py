@@ -152,6 +152,11 @@ def test_a_version_older_than_the_table_or_of_a_new_major_is_refused(monkeypatch
 BEYOND = [f"0.{NEWEST_MINOR + 1}.0", f"0.{NEWEST_MINOR + 1}.0.dev0", f"0.{NEWEST_MINOR + 7}.3"]
 
 
+NEWEST_ONLY = pytest.mark.skipif(INSTALLED_ENTRY is not newest_entry(),
+                                 reason="the newest entry's structure is checked against the newest line's PEFT")
+
+
+@NEWEST_ONLY
 @pytest.mark.parametrize("newer", BEYOND)
 def test_a_newer_release_with_the_newest_entrys_structure_is_used_with_one_warning(monkeypatch, newer):
     monkeypatch.setattr(_patch, "installed_peft_version", lambda: Version(newer))
@@ -178,9 +183,8 @@ def _changed_signature(monkeypatch, hook_kind: str) -> str:
     return hook.target
 
 
+@NEWEST_ONLY
 def test_a_newer_release_whose_method_signature_changed_is_refused_naming_it(monkeypatch):
-    if INSTALLED_ENTRY is not newest_entry():
-        pytest.skip("the newest entry's structure is checked against the newest line's PEFT")
     newer = Version(f"0.{NEWEST_MINOR + 1}.0")
     monkeypatch.setattr(_patch, "installed_peft_version", lambda: newer)
     target = _changed_signature(monkeypatch, "load")
@@ -196,9 +200,8 @@ def test_a_newer_release_whose_method_signature_changed_is_refused_naming_it(mon
     assert {name: vars(sys.modules["peft"]).get(name) for name in (GET, SET)} == originals  # nothing changed
 
 
+@NEWEST_ONLY
 def test_a_newer_release_that_binds_the_functions_in_a_new_module_is_refused(monkeypatch):
-    if INSTALLED_ENTRY is not newest_entry():
-        pytest.skip("the newest entry's structure is checked against the newest line's PEFT")
     import types
 
     from peft.utils import save_and_load
