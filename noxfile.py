@@ -11,7 +11,7 @@ A fresh venv with torch costs ~33 s, so torch==2.13.0, the line's transformers p
 installed once per transformers pin into a shared base venv under ``.nox/_base/``; each line's own venv
 holds only its PEFT release (``--no-deps``, then ``pip check``) and sees the base through a ``.pth`` file.
 A line venv's own packages come first on ``sys.path``, so its PEFT shadows anything in the base.
-The lines, their tested releases and transformers pins are read from ``peft_buffers/_registry.py``.
+The lines, their tested releases and transformers pins are read from ``peft_buffers/binding/registry.py``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ nox.options.reuse_existing_virtualenvs = True
 
 def _load_registry():
     # Load the module file alone: `import peft_buffers` would import torch, which nox's own env lacks.
-    spec = importlib.util.spec_from_file_location("_peft_buffers_registry", ROOT / "peft_buffers" / "_registry.py")
+    path = ROOT / "peft_buffers" / "binding" / "registry.py"
+    spec = importlib.util.spec_from_file_location("_peft_buffers_registry", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look the module up while building the classes
     spec.loader.exec_module(module)
@@ -167,7 +168,7 @@ def trl(session: nox.Session) -> None:
 
 
 # --- pinned-version deployments (issue 12) ---
-#     nox -s config_fields    # regenerate peft_buffers/_config_fields.py from every line's tested release
+#     nox -s config_fields    # regenerate peft_buffers/binding/_config_fields.py from every line's tested release
 #     nox -s crossversion     # files saved on each line load bitwise on every other line (convert where needed)
 # Both reuse the compat venvs (.nox/compat-<line>, e.g. .nox/compat-0-13) and build what is missing the same way,
 # then run one process per line and step, not one per pair (a process start with torch costs seconds).
@@ -197,14 +198,14 @@ def _line_python(session: nox.Session, line: str) -> str:
 
 @nox.session(python=False)
 def config_fields(session: nox.Session) -> None:
-    """Regenerate peft_buffers/_config_fields.py: each config class's fields per line's tested release."""
+    """Regenerate peft_buffers/binding/_config_fields.py: each config class's fields per line's tested release."""
     dumps = CROSSVERSION_DIR / "config_fields"
     dumps.mkdir(parents=True, exist_ok=True)
     for line in REGISTRY:
-        session.run(_line_python(session, line), "-m", "peft_buffers._fieldscan", "--dump",
+        session.run(_line_python(session, line), "-m", "peft_buffers.cli._fieldscan", "--dump",
                     str(dumps / f"{line}.json"), external=True, env=INTEGRATION_ENV)
     newest = _line_python(session, list(REGISTRY)[-1])
-    session.run(newest, "-m", "peft_buffers._fieldscan", "--write", str(dumps), external=True, env=INTEGRATION_ENV)
+    session.run(newest, "-m", "peft_buffers.cli._fieldscan", "--write", str(dumps), external=True, env=INTEGRATION_ENV)
 
 
 @nox.session(python=False)
@@ -292,7 +293,7 @@ def upstream(session: nox.Session) -> None:
         session.run("git", "-C", str(patched), "apply", *patches, external=True)
         session.install("--no-deps", "--force-reinstall", str(patched))
         env = INTEGRATION_ENV
-        session.run("python", "-c", "from peft_buffers._native_fields import peft_has_native_fields as has; "
+        session.run("python", "-c", "from peft_buffers.binding import peft_has_native_fields as has; "
                     "assert has(), 'the installed PEFT lacks the fields: the series did not install'", env=env)
         stock = str(_stock_venv(session, base_site, _purelib(session)))
         # (a) PEFT's own tests on the patched PEFT, compared with the unpatched outcomes: peft_suite's record of the

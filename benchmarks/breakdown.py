@@ -22,19 +22,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 __all__ = ["main"]
 
 STEPS = (
-    "peft_buffers._patch:_extra_state_for_save",
-    "peft_buffers._peft_view:settle",
-    "peft_buffers._state:find_base_tensors",
-    "peft_buffers._store:ExtraStateStore.settle",
-    "peft_buffers._patch:plan_load",
-    "peft_buffers._peft_view:model_view",
-    "peft_buffers._peft_view:ensure_store",
-    "peft_buffers._peft_view:sync",
-    "peft_buffers._store:ExtraStateStore.set_values",
-    "peft_buffers._store:ExtraStateStore.switch",
-    "peft_buffers._patch:check_adapter_path",
-    "peft_buffers._transaction:Transaction.__init__",
-    "peft_buffers._transaction:Transaction._unshadow",
+    "peft_buffers.binding._save:extra_state_for_save",
+    "peft_buffers.binding._peft_view:settle",
+    "peft_buffers.core._state:find_base_tensors",
+    "peft_buffers.core._store:ExtraStateStore.settle",
+    "peft_buffers.binding._load:plan_load",
+    "peft_buffers.binding._peft_view:model_view",
+    "peft_buffers.binding._peft_view:ensure_store",
+    "peft_buffers.binding._peft_view:sync",
+    "peft_buffers.core._store:ExtraStateStore.set_values",
+    "peft_buffers.core._store:ExtraStateStore.switch",
+    "peft_buffers.binding._hooks:check_adapter_path",
+    "peft_buffers.core._transaction:Transaction.__init__",
+    "peft_buffers.core._transaction:Transaction._unshadow",
     "peft.peft_model:safe_save_file",  # PEFT binds safetensors' functions by these names
     "peft.utils.save_and_load:safe_load_file",
 )

@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from peft_buffers._transaction import Transaction, atomic, run_atomically
+from peft_buffers.core import Transaction, atomic, run_atomically
 
 
 class Deep(nn.Module):

@@ -23,7 +23,7 @@ import torch
 
 import peft_buffers
 from benchmarks.models import MODELS, logits_of, loss_of
-from peft_buffers._native_fields import peft_has_native_fields
+from peft_buffers.binding import peft_has_native_fields
 
 STRATEGIES = ("stock", "native", "peft_buffers")
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -8,12 +8,11 @@ Example:
     >>> peft_buffers.disable()
 """
 
-from ._errors import ExtraStateMismatch, IncompatibleExtraState, PeftBuffersError, UnsupportedPeftVersion
-from ._patch import disable, enable, is_enabled
-from ._public import extra_state_dict
-from ._repro import AuditReport, ReloadReport, audit, check_reload, explain
-
 __version__ = "0.1.0"
+
+from ._errors import ExtraStateMismatch, IncompatibleExtraState, PeftBuffersError, UnsupportedPeftVersion  # noqa: E402
+from .binding import disable, enable, extra_state_dict, is_enabled  # noqa: E402
+from .repro import AuditReport, ReloadReport, audit, check_reload, explain  # noqa: E402
 
 __all__ = [
     "AuditReport",

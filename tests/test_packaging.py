@@ -11,7 +11,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from peft_buffers._registry import REGISTRY, TESTED_TORCH, supported_range
+from peft_buffers.binding.registry import REGISTRY, TESTED_TORCH, supported_range
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only when installed (the demo, the transformers-native hooks); PEFT itself requires it anyway.

@@ -132,9 +132,9 @@ def load(result_path: Path, saved: list[Path]) -> None:
     from safetensors.torch import load_file
 
     import peft_buffers
-    from peft_buffers._convert import main as convert_command
-    from peft_buffers._fieldscan import data_mismatches
-    from peft_buffers._registry import entry_for
+    from peft_buffers.binding.registry import entry_for
+    from peft_buffers.cli._convert import main as convert_command
+    from peft_buffers.cli._fieldscan import data_mismatches
 
     line = entry_for(Version(peft.__version__)).line
     result = {"line": line, "peft": peft.__version__, "cells": {}, "config_data": data_mismatches(line)}

@@ -8,8 +8,8 @@ import pytest
 from packaging.version import Version
 
 import peft_buffers
-from peft_buffers._patch import patch_status
-from peft_buffers._registry import TRANSFORMERS_REGISTRY, transformers_entry_for
+from peft_buffers.binding import patch_status
+from peft_buffers.binding.registry import TRANSFORMERS_REGISTRY, transformers_entry_for
 
 INSTALLED = Version(version("transformers"))
 ENTRY = transformers_entry_for(INSTALLED)

@@ -183,8 +183,8 @@ def test_a_peft_model_file_loads_natively(enabled, tmp_path):
 # issue 12: doctor suggests a transformers release by the registry's `tested_min_peft`; it must be what that
 # release itself declares. The nox sessions pin exactly the tested releases (5.23.0, 4.57.6).
 def test_the_registry_records_the_minimum_peft_this_tested_transformers_declares():
-    from peft_buffers._integrations.transformers_adapters import mixin_min_peft
-    from peft_buffers._registry import transformers_entry_for
+    from peft_buffers.binding import mixin_min_peft
+    from peft_buffers.binding.registry import transformers_entry_for
 
     entry = transformers_entry_for(TRANSFORMERS)
     if entry is None or entry.tested != str(TRANSFORMERS):

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from peft_buffers._native_fields import peft_has_native_fields
+    from peft_buffers.binding import peft_has_native_fields
     from tests.upstream import _scenarios as sc
 
     torch.set_num_threads(1)

@@ -7,8 +7,8 @@ import dataclasses
 
 import peft
 
-from peft_buffers._doctor import _format, doctor_report
-from peft_buffers._native_fields import NATIVE_FIELDS_NOTE, peft_has_native_fields
+from peft_buffers.binding import NATIVE_FIELDS_NOTE, peft_has_native_fields
+from peft_buffers.cli._doctor import _format, doctor_report
 
 
 def test_doctor_notes_native_fields_exactly_when_peft_has_them():

@@ -13,7 +13,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import peft_buffers
-from peft_buffers._native_fields import peft_has_native_fields
+from peft_buffers.binding import peft_has_native_fields
 from tests.zoo import ZOO, logits
 
 from . import _scenarios as sc

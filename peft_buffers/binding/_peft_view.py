@@ -1,0 +1,190 @@
+"""How peft_buffers sees a PEFT model: where the base model is, what PEFT owns, which adapter computes.
+
+Only PEFT's stable structure is used here (``BaseTunerLayer``, ``ModulesToSaveWrapper``, ``base_layer``,
+``get_base_model``, ``active_adapter``), looked up by duck typing where releases differ, so this module
+needs no version switch. Everything version-specific is in ``registry.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Callable, Optional
+
+from torch import nn
+
+from ..core import BASE, BaseTensors, ExtraStateStore, ModelView, find_base_tensors
+
+__all__ = ["active_adapter", "attached_store", "ensure_store", "model_view", "settle", "sync", "wraps_for"]
+
+_STORE_ATTR = "_peft_buffers_store"
+
+
+def _peft_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(wrapper classes whose subtree PEFT saves itself, tuner-layer classes)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import other
+
+    wrappers = tuple(
+        cls
+        for cls in (getattr(other, name, None) for name in ("AuxiliaryTrainingWrapper", "ModulesToSaveWrapper"))
+        if isinstance(cls, type)
+    )
+    return wrappers, (BaseTunerLayer,)
+
+
+def _base_of(root: nn.Module) -> tuple[nn.Module, str]:
+    """The base model inside ``root`` and its state-dict prefix."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if callable(getattr(type(root), "get_base_model", None)):  # PeftModel, PeftMixedModel
+        base = root.get_base_model()
+    elif isinstance(root, BaseTuner):  # a tuner (LoraModel, ...) used directly
+        base = root.model
+    else:  # a transformers model with injected adapters, or a plain module
+        return root, ""
+    queue = [("", root)]
+    for _depth in range(3):
+        nxt = []
+        for prefix, module in queue:
+            for name, child in module._modules.items():
+                if child is base:
+                    return base, f"{prefix}{name}."
+                if child is not None:
+                    nxt.append((f"{prefix}{name}.", child))
+        queue = nxt
+    return root, ""
+
+
+def model_view(root: nn.Module) -> ModelView:
+    """The :class:`ModelView` of a PEFT model (``PeftModel``, a tuner, or a transformers model with adapters).
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> net = get_peft_model(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)),
+        ...                      LoraConfig(target_modules=["0"]))
+        >>> model_view(net).base_prefix
+        'base_model.model.'
+    """
+    wrappers, tuner_layers = _peft_classes()
+    base, prefix = _base_of(root)
+    # A tuner layer holds the base layer under `base_layer` and adapter weights in other children
+    # (PEFT 0.6's LoRA layers *are* the base layer: their own parameters are base parameters).
+    return ModelView(base=base, base_prefix=prefix, owned_types=wrappers, partial_types=tuner_layers)
+
+
+def active_adapter(root: nn.Module) -> Optional[str]:
+    """Name of the adapter that computes now (the first one when several are active), or None.
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> active_adapter(get_peft_model(nn.Sequential(nn.Linear(2, 2)), LoraConfig(target_modules=["0"])))
+        'default'
+    """
+    names = root.__dict__.get("active_adapter") if "active_adapter" in root.__dict__ else None
+    if names is None:
+        try:
+            names = root.active_adapter
+        except AttributeError:
+            names = None
+    # transformers' PeftAdapterMixin: active_adapters() is a method (5.x has no active_adapter at all)
+    if names is None or callable(names):
+        getter = getattr(root, "active_adapters", None)
+        try:
+            names = getter() if callable(getter) else None
+        except (ValueError, AttributeError):
+            names = None
+    if isinstance(names, (list, tuple)):
+        names = names[0] if names else None
+    return names if isinstance(names, str) else None
+
+
+def attached_store(root: nn.Module) -> Optional[ExtraStateStore]:
+    """The store attached to ``root``, if any (without forwarding through ``__getattr__``)."""
+    return root.__dict__.get(_STORE_ATTR)
+
+
+_attach_lock = threading.Lock()
+
+
+def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True, late: bool = False
+                 ) -> ExtraStateStore:
+    """Attach a store to ``root`` (once, thread-safe) and return it.
+
+    The store starts with the active adapter live and takes the base values at once: a copy of every
+    persistent buffer, the version of every parameter (:meth:`ExtraStateStore.capture`). ``late`` says the
+    store is attached only now, at a save: then the base values were not seen before training, and the save
+    falls back to carrying every running statistic and every trainable parameter (with a warning).
+    """
+    store = attached_store(root)
+    if store is not None:
+        return store
+    with _attach_lock:
+        store = attached_store(root)
+        if store is not None:
+            return store
+        view = model_view(root)
+        store = ExtraStateStore(live=active_adapter(root), view=view)
+        store.late = late
+        store.capture(find_base_tensors(view))
+        root.__dict__[_STORE_ATTR] = store
+        return store
+
+
+def target_owner(root: nn.Module, store: ExtraStateStore) -> Optional[str]:
+    return BASE if store.disabled_depth else active_adapter(root)
+
+
+def settle(root: nn.Module, store: ExtraStateStore, peft_saved_keys: Callable, found: Optional[BaseTensors] = None
+           ) -> BaseTensors:
+    """Attribute what changed since the last look to the live adapter (see ``ExtraStateStore.settle``).
+
+    Returns the walk it made, for the caller to reuse.
+    """
+    found = found if found is not None else find_base_tensors(store.view)
+    live = store.live
+
+    def peft_keys(candidates: dict) -> set:
+        # PEFT names tensors by their live keys; the store by base keys.
+        by_live = {found.get(key).live_key: key for key in candidates}
+        own = peft_saved_keys(root, live, {found.get(k).live_key: t for k, t in candidates.items()})
+        return {by_live[k] for k in own if k in by_live}
+
+    store.settle(found, peft_keys)
+    return found
+
+
+def sync(root: nn.Module, peft_saved_keys: Callable[[nn.Module, str], set]) -> None:
+    """Make the extra state of the adapter that should compute now live.
+
+    Before switching away from an adapter, what changed while it was live becomes its own (so it is not lost
+    and does not leak into the next adapter).
+    """
+    store = attached_store(root)
+    if store is None:
+        return
+    target = target_owner(root, store)
+    if target == store.live:
+        return
+    settle(root, store, peft_saved_keys)
+    store.switch(target)
+
+
+def wraps_for(adapter_name: Optional[str]) -> Callable[[nn.Module], bool]:
+    """For ``plan_load``: does this ``modules_to_save`` wrapper hold ``adapter_name``'s own copy (PEFT's keys)?"""
+
+    def wraps_for_adapter(wrapper: nn.Module) -> bool:
+        copies = wrapper._modules.get("modules_to_save")
+        if copies is not None and adapter_name in getattr(copies, "_modules", {}):
+            return True
+        token_adapter = wrapper._modules.get("token_adapter")  # trainable tokens (PEFT >= 0.15)
+        return token_adapter is not None and adapter_name in getattr(token_adapter, "trainable_tokens_delta", {})
+
+    return wraps_for_adapter
+
+
+def quiet(fn: Callable, *args, **kwargs):
+    """Call ``fn`` with warnings silenced (used for PEFT calls made only to learn which keys PEFT owns)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)

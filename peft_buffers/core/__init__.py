@@ -1,0 +1,60 @@
+"""The core: plain torch, knows nothing of PEFT.
+
+Find a model's base state and name it (:mod:`._state`), keep one value per adapter and find what training
+changed (:mod:`._store`), validate an incoming state dict before anything changes (:mod:`._load_plan`,
+:mod:`._adapter_file`), and run a load as one transaction (:mod:`._transaction`). The layers above
+(:mod:`peft_buffers.binding`, then the tools) import from here; nothing here imports them.
+"""
+
+from ._adapter_file import (
+    TensorHeader,
+    check_adapter_path,
+    check_safetensors_file,
+    check_state_dict_fits,
+    find_weights_file,
+)
+from ._load_plan import LoadPlan, plan_load, raise_for_mismatches, resolve_key
+from ._state import (
+    BASE,
+    RUNNING_STAT_NAMES,
+    BaseTensors,
+    ModelView,
+    TensorPlace,
+    find_base_tensors,
+    find_running_stats,
+    find_trainable_parameters,
+    is_running_stat,
+    tracks_running_stats,
+)
+from ._store import ExtraStateStore, install_optimizer_hook, remove_optimizer_hook, same_bytes
+from ._transaction import Transaction, active_transaction, atomic, run_atomically
+
+__all__ = [
+    "BASE",
+    "RUNNING_STAT_NAMES",
+    "BaseTensors",
+    "ExtraStateStore",
+    "LoadPlan",
+    "ModelView",
+    "TensorHeader",
+    "TensorPlace",
+    "Transaction",
+    "active_transaction",
+    "atomic",
+    "check_adapter_path",
+    "check_safetensors_file",
+    "check_state_dict_fits",
+    "find_base_tensors",
+    "find_running_stats",
+    "find_trainable_parameters",
+    "find_weights_file",
+    "install_optimizer_hook",
+    "is_running_stat",
+    "plan_load",
+    "raise_for_mismatches",
+    "remove_optimizer_hook",
+    "resolve_key",
+    "run_atomically",
+    "same_bytes",
+    "tracks_running_stats",
+]

@@ -1,0 +1,412 @@
+"""Atomic loads: snapshot a model cheaply, roll it back exactly if the load fails (issue 10).
+
+Plain torch; knows nothing about PEFT. What a snapshot holds, and why that is enough for a load:
+
+- The module tree. For every module reachable from the root: its ``__dict__`` mapping (attribute -> object)
+  and a shallow copy of every container value in it (dict, OrderedDict, list, set: ``_modules``,
+  ``_parameters``, ``_buffers``, hook dicts, per-adapter dicts such as PEFT's ``r``/``scaling``,
+  ``peft_config``, ``active_adapters`` lists...). Restoring puts the *same* container objects back with their
+  old contents (others hold references to them) and deletes attributes that were added, so wrappers injected
+  by the load vanish, the original module objects are back in place and ``training`` flags are restored.
+- Every parameter's ``requires_grad``.
+- Tensor values only where a load can write: the tensors the caller names (``extra_tensors`` /
+  :meth:`Transaction.protect`) and whatever goes through ``load_state_dict`` on a module of the tree. During
+  the transaction every module's ``load_state_dict`` is shadowed by an instance attribute (removed afterwards)
+  that clones the live tensors named by the incoming keys, optionally validates the incoming tensors against
+  them, and then delegates. Base weights are never copied unless the incoming state dict names them.
+- Objects in a module's ``__dict__`` that define ``__peft_buffers_snapshot__()`` (returning a callable that
+  restores them) are snapshotted through it.
+
+Not covered (documented limits): tensors written in place other than through ``load_state_dict`` and not named
+by the caller; mutations inside non-container objects (config objects are restored by identity, not
+content); containers nested inside containers (one level is copied); modules reachable only through
+non-``_modules`` references.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import sys
+import threading
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, Union
+
+import torch
+from torch import nn
+
+from .._errors import RollbackFailed
+
+__all__ = ["Transaction", "active_transaction", "atomic", "run_atomically"]
+
+T = TypeVar("T")
+Validator = Callable[[nn.Module, Mapping[str, Any], Mapping[str, torch.Tensor], bool], None]
+SNAPSHOT_HOOK = "__peft_buffers_snapshot__"
+_SHADOW = "load_state_dict"
+_CONTAINERS = (dict, list, set)
+_PLAIN = frozenset({bool, int, float, str, bytes, tuple, type(None), torch.Tensor, nn.Parameter, torch.dtype,
+                    torch.device})  # attribute values that are neither containers nor snapshot objects
+
+_lock = threading.Lock()
+_active: dict[int, Transaction] = {}  # id(root) -> the outermost open transaction on that root
+
+
+def _copy_container(value: Any) -> Any:
+    return dict(value) if isinstance(value, dict) else list(value)
+
+
+def _refill(container: Any, saved: Any) -> None:
+    if container:
+        container.clear()
+    if not saved:
+        return
+    if isinstance(container, list):
+        container.extend(saved)
+    else:
+        container.update(saved)
+
+
+class _ModuleState:
+    __slots__ = ("module", "attrs", "contents")
+
+    def __init__(self, module: nn.Module, attrs: dict, contents: list):
+        self.module, self.attrs, self.contents = module, attrs, contents
+
+    def restore(self) -> None:
+        live = self.module.__dict__
+        for name in [name for name in live if name not in self.attrs]:
+            del live[name]
+        for name, value in self.attrs.items():
+            if live.get(name, _MISSING) is not value:
+                live[name] = value
+        for container, saved in self.contents:
+            _refill(container, saved)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _resolve(module: nn.Module, key: str) -> tuple[Optional[nn.Module], Optional[str]]:
+    """(owner, tensor name) for a state-dict key relative to ``module``; name None when the key names a module."""
+    parts = key.split(".")
+    for index, part in enumerate(parts):
+        child = module._modules.get(part) if isinstance(getattr(module, "_modules", None), dict) else None
+        if child is None:
+            rest = ".".join(parts[index:])
+            return (module, rest) if "." not in rest else (None, None)
+        module = child
+    return module, None
+
+
+def _incoming_targets(module: nn.Module, keys: Iterable[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Live tensors that ``module.load_state_dict`` may write for ``keys``: {key: tensor} plus all tensors to clone.
+
+    A key naming a module (a load pre-hook may rename it, e.g. PEFT's legacy DoRA keys) protects that module's
+    whole subtree; a key naming nothing is ignored by torch and protects nothing.
+    """
+    live: dict[str, torch.Tensor] = {}
+    clone: list[torch.Tensor] = []
+    for key in keys:
+        owner, name = _resolve(module, key)
+        if owner is None:
+            continue
+        if name is None:
+            clone.extend(t for t in owner.parameters() if t is not None)
+            clone.extend(t for t in owner.buffers() if t is not None)
+            continue
+        tensor = owner._parameters.get(name)
+        if tensor is None and name not in getattr(owner, "_non_persistent_buffers_set", ()):
+            tensor = owner._buffers.get(name)
+        if tensor is not None:
+            live[key] = tensor
+            clone.append(tensor)
+    return live, clone
+
+
+class Transaction:
+    """An open snapshot of ``root``: :meth:`restore` puts the model back exactly as it was at the start.
+
+    Created by :func:`atomic`; use :meth:`protect` to add tensors a load will write outside ``load_state_dict``.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> before = layer.bias.clone()
+        >>> with atomic(layer) as transaction:
+        ...     transaction.protect([layer.bias])
+        ...     with torch.no_grad():
+        ...         _ = layer.bias.add_(1)
+        ...     transaction.restore()  # what a failure does
+        >>> torch.equal(layer.bias, before)
+        True
+    """
+
+    def __init__(self, root: nn.Module, describe: Optional[str], validate: Optional[Validator]):
+        self.root = root
+        self.describe = describe
+        self.validate = validate
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (live tensor, clone)
+        self._modules: list[_ModuleState] = []
+        self._requires_grad: list[tuple[torch.Tensor, bool]] = []
+        self._restorers: list[Callable[[], None]] = []
+        self._shadowed: list[tuple[nn.Module, Any]] = []
+        self._existing: set[int] = set()  # ids of the tensors there at the start: only those can need a clone
+        self.open = True
+        with _no_gc():  # thousands of small copies would trigger full collections of a large heap
+            self._snapshot(root)
+
+    def _snapshot(self, root: nn.Module) -> None:
+        seen_params: set[int] = set()
+        seen_hooks: set[int] = set()
+        for module in root.modules():
+            attrs = module.__dict__.copy()
+            contents = []
+            for value in attrs.values():
+                kind = type(value)
+                if kind in _PLAIN:
+                    continue
+                if isinstance(value, _CONTAINERS):
+                    # most containers (hook dicts) are empty: nothing to copy, restoring them is clearing them
+                    contents.append((value, _copy_container(value) if value else None))
+                    continue
+                hook = getattr(kind, SNAPSHOT_HOOK, None)
+                if hook is not None and id(value) not in seen_hooks:
+                    seen_hooks.add(id(value))
+                    self._restorers.append(hook(value))
+            self._modules.append(_ModuleState(module, attrs, contents))
+            for param in module._parameters.values():
+                if param is not None and id(param) not in seen_params:
+                    seen_params.add(id(param))
+                    self._requires_grad.append((param, param.requires_grad))
+            self._existing.update(id(b) for b in module._buffers.values() if b is not None)
+        self._existing |= seen_params
+
+    # ------------------------------------------------------------------ what a load may write
+
+    def protect(self, tensors: Union[Iterable[torch.Tensor], Mapping[str, torch.Tensor]]) -> None:
+        """Clone the current values of ``tensors`` (once each) so that :meth:`restore` writes them back.
+
+        Example:
+            >>> layer = nn.Linear(2, 2)
+            >>> with atomic(layer) as transaction:
+            ...     transaction.protect({"bias": layer.bias})
+        """
+        values = tensors.values() if isinstance(tensors, Mapping) else tensors
+        for tensor in values:
+            if tensor is None or id(tensor) in self._saved:
+                continue
+            if tensor.device.type == "meta":
+                continue  # nothing to keep; a load assigns a new tensor in its place
+            with torch.no_grad():
+                self._saved[id(tensor)] = (tensor, tensor.detach().clone())
+
+    def _shadow_load_state_dict(self) -> None:
+        for state in self._modules:
+            module = state.module
+            previous = module.__dict__.get(_SHADOW, _MISSING)
+            module.__dict__[_SHADOW] = _Interceptor(self, module, getattr(module, _SHADOW))
+            self._shadowed.append((module, previous))
+
+    def _unshadow(self) -> None:
+        for module, previous in reversed(self._shadowed):
+            if previous is _MISSING:
+                module.__dict__.pop(_SHADOW, None)
+            else:
+                module.__dict__[_SHADOW] = previous
+        self._shadowed.clear()
+        # copies made during the load (PEFT deep-copies modules for modules_to_save) carry an interceptor too
+        for module in self.root.modules():
+            value = module.__dict__.get(_SHADOW)
+            if isinstance(value, _Interceptor) and value.transaction is self:
+                del module.__dict__[_SHADOW]
+
+    def _before_load(self, module: nn.Module, state_dict: Mapping[str, Any], assign: bool) -> None:
+        live, to_clone = _incoming_targets(module, list(state_dict))
+        if self.validate is not None:
+            self.validate(module, state_dict, live, assign)  # before anything is written
+        # A tensor made during the load (a new adapter's weights) goes with its module at a rollback: no clone.
+        # The snapshot holds every tensor that was there, so their ids cannot be reused meanwhile.
+        self.protect(t for t in to_clone if id(t) in self._existing)
+
+    # ------------------------------------------------------------------ rollback
+
+    def restore(self) -> None:
+        """Put the module tree, ``requires_grad`` flags, protected tensors and snapshot objects back.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(2, 2))
+            >>> with atomic(net) as transaction:
+            ...     _ = net.append(nn.ReLU())
+            ...     transaction.restore()
+            >>> len(net)
+            1
+        """
+        self._unshadow()
+        for state in self._modules:
+            state.restore()
+        for param, requires_grad in self._requires_grad:
+            if param.requires_grad != requires_grad:
+                param.requires_grad_(requires_grad)
+        with torch.no_grad():
+            for live, saved in self._saved.values():
+                if live.shape == saved.shape and live.dtype == saved.dtype and live.device == saved.device:
+                    live.copy_(saved)
+                else:  # the load rebound `.data` (another shape, dtype or device): rebind it back
+                    live.data = saved
+        for restorer in reversed(self._restorers):
+            restorer()
+
+
+class _Interceptor:
+    """Shadows ``module.load_state_dict`` during a transaction: protect and check, then delegate."""
+
+    __slots__ = ("transaction", "module", "original")
+
+    def __init__(self, transaction: Transaction, module: nn.Module, original: Callable):
+        self.transaction, self.module, self.original = transaction, module, original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        state_dict = args[0] if args else kwargs.get("state_dict", {})
+        assign = False
+        try:  # only when called: inspecting every module's signature up front would cost more than a load
+            assign = bool(inspect.signature(self.original).bind_partial(*args, **kwargs).arguments.get("assign"))
+        except (TypeError, ValueError):
+            pass
+        if self.transaction.open:  # a copy kept beyond the transaction just loads
+            self.transaction._before_load(self.module, state_dict, assign)
+        return self.original(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        # A module deep-copied during the transaction gets an interceptor of its own copy, never one that
+        # loads into the original; it is removed when the transaction ends.
+        copy = memo.get(id(self.module))
+        if copy is None:
+            return self
+        return _Interceptor(self.transaction, copy, getattr(type(copy), _SHADOW).__get__(copy))
+
+
+def active_transaction(root: nn.Module) -> Optional[Transaction]:
+    """The open transaction on ``root`` (the outermost one), or None.
+
+    Example:
+        >>> layer = nn.Linear(1, 1)
+        >>> with atomic(layer) as transaction:
+        ...     active_transaction(layer) is transaction
+        True
+        >>> active_transaction(layer) is None
+        True
+    """
+    with _lock:
+        return _active.get(id(root))
+
+
+def _annotate(error: BaseException, note: str) -> None:
+    if sys.version_info >= (3, 11):
+        error.add_note(note)
+    else:  # PEP 678 attribute: shown by the `exceptiongroup` backport's traceback; harmless elsewhere
+        notes = getattr(error, "__notes__", None)
+        if not isinstance(notes, list):
+            notes = []
+            try:
+                error.__notes__ = notes  # type: ignore[attr-defined]
+            except AttributeError:
+                return
+        notes.append(note)
+
+
+def _default_validator() -> Validator:
+    from ._adapter_file import check_state_dict_fits
+
+    return check_state_dict_fits
+
+
+_DEFAULT = object()
+
+
+@contextlib.contextmanager
+def atomic(
+    root: nn.Module,
+    *,
+    extra_tensors: Union[Iterable[torch.Tensor], Mapping[str, torch.Tensor]] = (),
+    describe: Optional[str] = None,
+    validate: Any = _DEFAULT,
+) -> Iterator[Transaction]:
+    """Run the body as one load of ``root``: if it raises, ``root`` is restored exactly and the error re-raised.
+
+    ``extra_tensors``: tensors the body writes in place outside ``load_state_dict`` (their values are cloned
+    now). ``describe``: what is loaded, e.g. ``"adapter 'b' from /path"``; it goes into the note added to the
+    re-raised exception (``add_note``; the exception keeps its type). ``validate(module, state_dict, live,
+    assign)`` runs inside every intercepted ``load_state_dict`` before anything is written (default:
+    :func:`peft_buffers.core.check_state_dict_fits`, shapes and dtype kinds; None: no check).
+
+    Nested on the same root, the inner block joins the outer transaction (its tensors are protected by the
+    outer one, which does the rollback). If rolling back itself fails, :class:`RollbackFailed` is raised
+    from the rollback error, carrying the original exception as ``original``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> try:
+        ...     with atomic(net, describe="a demo"):
+        ...         net[0] = nn.Identity()
+        ...         raise KeyError("boom")
+        ... except KeyError as error:
+        ...     print(type(net[0]).__name__, error.__notes__[0].startswith("peft_buffers: a demo failed"))
+        Linear True
+    """
+    with _lock:
+        outer = _active.get(id(root))
+    if outer is not None:
+        outer.protect(extra_tensors)
+        yield outer
+        return
+    transaction = Transaction(root, describe, _default_validator() if validate is _DEFAULT else validate)
+    transaction.protect(extra_tensors)
+    with _lock:
+        _active[id(root)] = transaction
+    try:
+        transaction._shadow_load_state_dict()
+        yield transaction
+    except BaseException as error:
+        try:
+            transaction.restore()
+        except BaseException as rollback_error:
+            raise RollbackFailed(describe, error) from rollback_error
+        what = describe or "a load"
+        _annotate(error, f"peft_buffers: {what} failed; the model was rolled back to its state before it.")
+        raise
+    finally:
+        transaction.open = False
+        transaction._unshadow()
+        with _lock:
+            _active.pop(id(root), None)
+
+
+def run_atomically(
+    root: nn.Module,
+    fn: Callable[..., T],
+    *args: Any,
+    extra_tensors: Union[Iterable[torch.Tensor], Mapping[str, torch.Tensor]] = (),
+    describe: Optional[str] = None,
+    validate: Any = _DEFAULT,
+    **kwargs: Any,
+) -> T:
+    """``fn(*args, **kwargs)`` inside :func:`atomic` on ``root``: its result, or ``root`` unchanged and the error.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> run_atomically(net, lambda: len(net))
+        1
+    """
+    with atomic(root, extra_tensors=extra_tensors, describe=describe, validate=validate):
+        return fn(*args, **kwargs)
+
