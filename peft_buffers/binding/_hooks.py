@@ -13,6 +13,7 @@ from . import _peft_view as pv
 from ._healthcheck import extra_state_report
 from ._load import atomic_unless_covered
 from ._native_fields import model_uses_native_fields
+from ._save_folder import saving_folder
 from .registry import AdapterHook
 
 __all__ = ["after_adapter_change", "make_hook"]
@@ -125,6 +126,20 @@ def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) 
                 return function(cls, *args, **kwargs)
 
         return _WrappedClassMethod(from_pretrained, original)
+
+    if hook.kind == "save":
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def save_pretrained(self, *args, **kwargs):
+            if _current.patch is None:
+                return original(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
+            with saving_folder(self, bound.arguments["save_directory"]) as target:
+                bound.arguments["save_directory"] = target
+                return original(*bound.args, **bound.kwargs)
+
+        return save_pretrained
 
     if hook.kind == "report":
 

@@ -55,6 +55,8 @@ class AdapterHook:
     * ``"load"``: run the original as one transaction (``_transaction.atomic``) after checking the adapter
       file's header: a load that fails for any reason leaves the model exactly as it was;
     * ``"from_pretrained"``: the same for the classmethod ``PeftModel.from_pretrained``, on the base model passed;
+    * ``"save"``: ``PeftModel.save_pretrained`` runs inside ``_save_folder.saving_folder``, which adds
+      peft_buffers' own files to the folder PEFT writes;
     * ``"report"``: ``PeftModel.healthcheck`` (PEFT >= 0.22): peft_buffers' findings are added to PEFT's report;
     * ``"forward"``: ``target`` is a ``__getattr__`` that forwards ``method`` to the tuner (PEFT < 0.16 has no
       ``PeftModel.delete_adapter``); the forwarded call is wrapped like a ``"sync"`` hook on the PeftModel.
@@ -92,13 +94,14 @@ _DISABLE = AdapterHook("peft.peft_model:PeftModel.disable_adapter", "disable")
 _LOAD = AdapterHook("peft.peft_model:PeftModel.load_adapter", "load", params=("self", "model_id", "adapter_name"))
 _FROM_PRETRAINED = AdapterHook("peft.peft_model:PeftModel.from_pretrained", "from_pretrained",
                                params=("cls", "model", "model_id", "adapter_name"))
+_SAVE = AdapterHook("peft.peft_model:PeftModel.save_pretrained", "save", params=("self", "save_directory"))
 # PeftModel.delete_adapter exists from 0.16; before, PeftModel.__getattr__ forwards it to the tuner.
 _HOOKS_V06 = (_ATTACH, _SET_ADAPTER, AdapterHook("peft.peft_model:PeftModel.__getattr__", "forward",
                                                  "delete_adapter", params=("self", "name")),
-              _DISABLE, _LOAD, _FROM_PRETRAINED)
+              _DISABLE, _LOAD, _FROM_PRETRAINED, _SAVE)
 _HOOKS_V16 = (_ATTACH, _SET_ADAPTER,
               AdapterHook("peft.peft_model:PeftModel.delete_adapter", "sync", params=("self", "adapter_name")),
-              _DISABLE, _LOAD, _FROM_PRETRAINED)
+              _DISABLE, _LOAD, _FROM_PRETRAINED, _SAVE)
 
 # PEFT 0.22's pre-training check: peft_buffers adds what training will move outside the adapter.
 _HOOKS_V22 = _HOOKS_V16 + (AdapterHook("peft.peft_model:PeftModel.healthcheck", "report"),)
