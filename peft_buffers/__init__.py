@@ -10,16 +10,29 @@ Example:
 
 __version__ = "0.1.0"
 
-from ._errors import ExtraStateMismatch, IncompatibleExtraState, PeftBuffersError, UnsupportedPeftVersion  # noqa: E402
+from ._errors import (  # noqa: E402
+    CorruptAdapterFile,
+    ExtraStateMismatch,
+    IncompatibleAdapterWeights,
+    IncompatibleExtraState,
+    PeftBuffersError,
+    PeftBuffersWarning,
+    RollbackFailed,
+    UnsupportedPeftVersion,
+)
 from .binding import disable, enable, extra_state_dict, is_enabled  # noqa: E402
 from .repro import AuditReport, ReloadReport, audit, check_reload, explain  # noqa: E402
 
 __all__ = [
     "AuditReport",
+    "CorruptAdapterFile",
     "ExtraStateMismatch",
+    "IncompatibleAdapterWeights",
     "IncompatibleExtraState",
     "PeftBuffersError",
+    "PeftBuffersWarning",
     "ReloadReport",
+    "RollbackFailed",
     "UnsupportedPeftVersion",
     "__version__",
     "audit",

@@ -12,6 +12,7 @@ __all__ = [
     "IncompatibleAdapterWeights",
     "IncompatibleExtraState",
     "PeftBuffersError",
+    "PeftBuffersWarning",
     "RollbackFailed",
     "UnsupportedPeftVersion",
 ]
@@ -22,6 +23,19 @@ class PeftBuffersError(Exception):
 
     Example:
         >>> issubclass(UnsupportedPeftVersion, PeftBuffersError)
+        True
+    """
+
+
+class PeftBuffersWarning(UserWarning):
+    """Base class of every warning peft_buffers emits (filter them with ``warnings.filterwarnings``).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warnings.warn("x", PeftBuffersWarning)
+        >>> issubclass(caught[0].category, UserWarning)
         True
     """
 

@@ -11,7 +11,7 @@ import importlib
 import warnings
 from typing import Any
 
-from .._errors import PeftBuffersError, UnsupportedPeftVersion
+from .._errors import PeftBuffersError, PeftBuffersWarning, UnsupportedPeftVersion
 from ..core import install_optimizer_hook, remove_optimizer_hook
 from . import _current, _versions
 from ._current import Binding, Patch, is_enabled
@@ -52,9 +52,9 @@ def enable(*, allow_untested: bool = False, check_values: bool = True) -> PatchE
             raise UnsupportedPeftVersion(str(version), supported_range(), differences)
         if differences:
             warnings.warn(f"peft {version} differs from the {entry.line}.x entry ({'; '.join(differences)}); "
-                          f"continuing because allow_untested=True.", stacklevel=2)
+                          f"continuing because allow_untested=True.", PeftBuffersWarning, stacklevel=2)
         elif untested and (entry.covers(version) or beyond_table(version)):
-            warnings.warn(_versions.untested_message(version, entry), stacklevel=2)
+            warnings.warn(_versions.untested_message(version, entry), PeftBuffersWarning, stacklevel=2)
         save_and_load = importlib.import_module("peft.utils.save_and_load")
         original_get, original_set = getattr(save_and_load, GET), getattr(save_and_load, SET)
         peft_saved_keys = peft_saved_keys_factory(original_get)

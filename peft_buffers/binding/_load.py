@@ -9,6 +9,7 @@ import inspect
 import warnings
 from typing import Callable
 
+from .._errors import PeftBuffersWarning
 from ..core import active_transaction, atomic, plan_load, raise_for_mismatches
 from . import _current
 from . import _peft_view as pv
@@ -43,7 +44,8 @@ def make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
         )
         raise_for_mismatches(plan, adapter_name)  # before anything changes
         for dropped in plan.dropped:
-            warnings.warn(f"ignore_mismatched_sizes=True: not loading extra state {dropped}", stacklevel=2)
+            warnings.warn(f"ignore_mismatched_sizes=True: not loading extra state {dropped}", PeftBuffersWarning,
+                          stacklevel=2)
         describe = f"adapter {adapter_name!r} (set_peft_model_state_dict)"
         if not plan.extra and not plan.dropped:
             with atomic_unless_covered(root, describe):  # a stock PEFT file: stock behaviour, but atomic

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .._errors import PeftBuffersWarning
 from ..core import is_running_stat
 from . import _current
 from . import _peft_view as pv
@@ -115,8 +116,7 @@ def _late_fallback(store, found, adapter_name: str) -> set:
             f"peft_buffers saw this model for the first time at save (was peft_buffers.enable() called after "
             f"get_peft_model / from_pretrained?): what training changed is unknown, so adapter "
             f"{adapter_name!r} carries every running statistic and trainable base parameter ({len(keys)} "
-            f"tensors). Call enable() before creating the PeftModel for exact files.",
-            stacklevel=4,
+            f"tensors). Call enable() before creating the PeftModel for exact files.", PeftBuffersWarning, stacklevel=4,
         )
     return keys
 
@@ -140,7 +140,7 @@ def _warn_unsaved(store, adapter_name: str, found) -> None:
         )
     if messages:
         store.warned.update(unattributed, unknown)
-        warnings.warn("peft_buffers: " + " | ".join(messages), stacklevel=4)
+        warnings.warn("peft_buffers: " + " | ".join(messages), PeftBuffersWarning, stacklevel=4)
 
 
 def extra_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:

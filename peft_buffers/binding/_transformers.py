@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from packaging.version import Version
 
+from .._errors import PeftBuffersWarning
 from ..core import LoadPlan, TensorPlace, atomic, plan_load, raise_for_mismatches
 from . import _peft_view as pv
 from ._targets import resolve_target
@@ -97,7 +98,8 @@ def plan_transformers_hooks(
         planned = [_plan_one(hook, entry, peft_saved_keys, is_enabled) for hook in entry.hooks]
     except (ImportError, AttributeError, LookupError) as error:
         _status["reason"] = f"transformers {installed}: {error}"
-        warnings.warn(f"peft_buffers: not hooking transformers-native adapters: {error}", stacklevel=3)
+        warnings.warn(f"peft_buffers: not hooking transformers-native adapters: {error}", PeftBuffersWarning,
+                      stacklevel=3)
         return []
     _status.update(hooked=True, reason=f"entry for {entry.versions} (tested with {entry.tested})")
     return planned

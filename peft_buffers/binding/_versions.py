@@ -9,7 +9,7 @@ from typing import Any
 
 from packaging.version import Version
 
-from .._errors import UnsupportedPeftVersion
+from .._errors import PeftBuffersWarning, UnsupportedPeftVersion
 from ._targets import resolve_target
 from .registry import GET, SET, PatchEntry, beyond_table, entry_for, newest_entry, supported_range
 
@@ -46,8 +46,7 @@ def select_entry(version: Version, allow_untested: bool = False) -> tuple[PatchE
     entry = newest_entry()
     warnings.warn(
         f"peft {version} is outside every range peft_buffers was tested on; using the entry for "
-        f"{entry.line}.x (tested with {entry.tested}) because allow_untested=True.",
-        stacklevel=3,
+        f"{entry.line}.x (tested with {entry.tested}) because allow_untested=True.", PeftBuffersWarning, stacklevel=3,
     )
     return entry, True
 
