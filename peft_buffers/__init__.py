@@ -11,6 +11,8 @@ Example:
 __version__ = "0.1.0"
 
 from ._errors import (  # noqa: E402
+    BaseMismatch,
+    BaseMismatchWarning,
     CorruptAdapterFile,
     ExtraStateMismatch,
     IncompatibleAdapterWeights,
@@ -25,6 +27,8 @@ from .repro import AuditReport, ReloadReport, audit, check_reload, explain  # no
 
 __all__ = [
     "AuditReport",
+    "BaseMismatch",
+    "BaseMismatchWarning",
     "CorruptAdapterFile",
     "ExtraStateMismatch",
     "IncompatibleAdapterWeights",

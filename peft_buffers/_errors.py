@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 __all__ = [
+    "BaseMismatch",
+    "BaseMismatchWarning",
     "CommandError",
     "CorruptAdapterFile",
     "ExtraStateMismatch",
@@ -38,6 +40,56 @@ class PeftBuffersWarning(UserWarning):
         >>> issubclass(caught[0].category, UserWarning)
         True
     """
+
+
+class BaseMismatchWarning(PeftBuffersWarning):
+    """An adapter is being loaded onto another base model than the one it was trained on (another checkpoint or
+    revision, dtype, quantization, or base values), as recorded in its folder when it was saved.
+
+    Example:
+        >>> issubclass(BaseMismatchWarning, UserWarning)
+        True
+    """
+
+
+def base_mismatch_message(where: str, differences: Sequence[str], loaded: bool) -> str:
+    """The text of :class:`BaseMismatch` and :class:`BaseMismatchWarning`.
+
+    Example:
+        >>> print(base_mismatch_message("adapter 'default' from out", ["running statistics differ: bn.running_mean "
+        ...       "(the adapter does not carry them)"], loaded=True))  # doctest: +NORMALIZE_WHITESPACE
+        adapter 'default' from out: the base model differs from the one the adapter was trained on
+        (as recorded in peft_buffers_base.json when it was saved):
+        - running statistics differ: bn.running_mean (the adapter does not carry them)
+        Load it onto the base it was trained on (python -m peft_buffers inspect DIR shows it), or call
+        peft_buffers.enable(base_check="off") to skip this check.
+    """
+    outcome = "" if loaded else " Nothing was loaded."
+    lines = "\n".join(f"- {line}" for line in differences)
+    return (f"{where}: the base model differs from the one the adapter was trained on (as recorded in "
+            f"peft_buffers_base.json when it was saved):\n{lines}\nLoad it onto the base it was trained on "
+            f"(python -m peft_buffers inspect DIR shows it), or call peft_buffers.enable(base_check=\"off\") to "
+            f"skip this check.{outcome}")
+
+
+class BaseMismatch(PeftBuffersError, ValueError):
+    """With ``enable(base_check="error")``: an adapter is being loaded onto another base model than the one it
+    was trained on. Raised before anything changes (``from_pretrained`` leaves the base model as it was,
+    ``load_adapter`` the model). ``differences`` has one line per kind of difference.
+
+    Example:
+        >>> err = BaseMismatch("adapter 'a' from out",
+        ...                    ["trained on float32 weights, loading onto bfloat16 (4 tensors)"])
+        >>> err.differences
+        ['trained on float32 weights, loading onto bfloat16 (4 tensors)']
+        >>> str(err).endswith("Nothing was loaded.")
+        True
+    """
+
+    def __init__(self, where: str, differences: Sequence[str]):
+        self.where = where
+        self.differences = list(differences)
+        super().__init__(base_mismatch_message(where, self.differences, loaded=False))
 
 
 class CommandError(PeftBuffersError):

@@ -14,8 +14,9 @@ from packaging.version import Version
 from peft_buffers.binding.registry import REGISTRY, TESTED_TORCH, supported_range
 
 ROOT = Path(__file__).resolve().parents[1]
-# Imported only when installed (the demo, the transformers-native hooks); PEFT itself requires it anyway.
-OPTIONAL = {"transformers"}
+# Imported only when installed: transformers (the demo, the transformers-native hooks; PEFT itself requires it
+# anyway), bitsandbytes (only for a model that already holds its 4-bit weights).
+OPTIONAL = {"transformers", "bitsandbytes"}
 
 
 def install_requires() -> dict[str, Requirement]:

@@ -27,6 +27,7 @@ class Patch:
     peft_version: str
     untested: bool
     check_values: bool = True
+    base_check: str = "warn"  # "warn" | "error" | "off": see _base_check.py
     bindings: list[Binding] = field(default_factory=list)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from .._errors import PeftBuffersError, PeftBuffersWarning, UnsupportedPeftVersion
 from ..core import install_optimizer_hook, remove_optimizer_hook
 from . import _current, _versions
+from ._base_check import BASE_CHECK_MODES
 from ._current import Binding, Patch, is_enabled
 from ._hooks import make_hook
 from ._load import make_set
@@ -25,7 +26,7 @@ from .registry import GET, SET, PatchEntry, beyond_table, supported_range
 __all__ = ["disable", "enable", "is_enabled", "patch_status"]
 
 
-def enable(*, allow_untested: bool = False, check_values: bool = True) -> PatchEntry:
+def enable(*, allow_untested: bool = False, check_values: bool = True, base_check: str = "warn") -> PatchEntry:
     """Patch PEFT so adapter files carry the base-model state training changed, per adapter.
 
     Idempotent and thread-safe. Returns the registry entry in use. Raises
@@ -34,6 +35,12 @@ def enable(*, allow_untested: bool = False, check_values: bool = True) -> PatchE
     ``check_values=False``, files whose running statistics are not finite (or whose variance is negative)
     load anyway instead of raising :class:`~peft_buffers.IncompatibleExtraState`.
 
+    ``base_check``: saving records the identity of the base model in each adapter folder
+    (``peft_buffers_base.json``); loading an adapter onto another base (checkpoint, revision, dtype,
+    quantization, or values) then ``"warn"`` s with :class:`~peft_buffers.BaseMismatchWarning`, or with
+    ``"error"`` raises :class:`~peft_buffers.BaseMismatch` before anything changes; ``"off"`` records and
+    checks nothing. Calling ``enable()`` again with other settings updates them.
+
     Example:
         >>> import peft_buffers
         >>> entry = peft_buffers.enable()
@@ -41,9 +48,13 @@ def enable(*, allow_untested: bool = False, check_values: bool = True) -> PatchE
         True
         >>> peft_buffers.disable()
     """
+    if base_check not in BASE_CHECK_MODES:
+        raise ValueError(f"enable(base_check={base_check!r}): expected one of "
+                         f"{', '.join(repr(m) for m in BASE_CHECK_MODES)}")
     with _current.lock:
         if _current.patch is not None:
             _current.patch.check_values = check_values
+            _current.patch.base_check = base_check
             return _current.patch.entry
         version = _versions.installed_peft_version()
         entry, untested = _versions.select_entry(version, allow_untested)
@@ -84,7 +95,7 @@ def enable(*, allow_untested: bool = False, check_values: bool = True) -> PatchE
             setattr(binding.owner, binding.attr, binding.replacement)
         install_optimizer_hook()
         _current.patch = Patch(entry=entry, peft_version=str(version), untested=untested, check_values=check_values,
-                        bindings=planned)
+                               base_check=base_check, bindings=planned)
         return entry
 
 

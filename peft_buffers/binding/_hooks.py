@@ -10,6 +10,7 @@ from typing import Callable
 from ..core import BASE, atomic, check_adapter_path
 from . import _current
 from . import _peft_view as pv
+from ._base_check import check_base_before_load
 from ._healthcheck import extra_state_report
 from ._load import atomic_unless_covered
 from ._native_fields import model_uses_native_fields
@@ -105,7 +106,9 @@ def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) 
                 return original(self, *args, **kwargs)
             arguments = signature.bind(self, *args, **kwargs).arguments
             model_id, name = arguments.get("model_id"), arguments.get("adapter_name")
-            check_adapter_path(model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
+            subfolder = {**arguments.get("kwargs", {}), **kwargs}.get("subfolder")
+            check_adapter_path(model_id, subfolder)
+            check_base_before_load(self, model_id, subfolder, name)
             with atomic_unless_covered(self, f"adapter {name!r} from {model_id}"):
                 return original(self, *args, **kwargs)
 
@@ -121,7 +124,9 @@ def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) 
                 return function(cls, *args, **kwargs)
             arguments = signature.bind(cls, *args, **kwargs).arguments
             model, model_id = arguments["model"], arguments.get("model_id")
-            check_adapter_path(model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
+            subfolder = {**arguments.get("kwargs", {}), **kwargs}.get("subfolder")
+            check_adapter_path(model_id, subfolder)
+            check_base_before_load(model, model_id, subfolder, arguments.get("adapter_name", "default"))
             with atomic(model, describe=f"adapter {arguments.get('adapter_name', 'default')!r} from {model_id}"):
                 return function(cls, *args, **kwargs)
 

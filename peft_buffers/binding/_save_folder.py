@@ -14,15 +14,21 @@ from typing import Iterator, Union
 
 from torch import nn
 
+from ._base_check import record_base_identity
+
 __all__ = ["saving_folder", "write_sidecars"]
 
 
 def write_sidecars(model: nn.Module, folder: str) -> None:
-    """Write the files peft_buffers keeps beside PEFT's in each adapter folder PEFT just wrote under ``folder``.
+    """Write the files peft_buffers keeps beside PEFT's in each adapter folder PEFT just wrote under ``folder``:
+    ``peft_buffers_base.json``, the identity of the base model the adapter was trained on (see
+    :func:`._base_check.record_base_identity`). Works for any model with adapters (a ``PeftModel``, or a
+    transformers model with adapters after its own ``save_pretrained``).
 
     Example:
-        >>> write_sidecars(nn.Linear(1, 1), "/nonexistent")  # nothing to add yet
+        >>> write_sidecars(nn.Linear(1, 1), "/nonexistent")  # no adapter saved there: nothing to add
     """
+    record_base_identity(model, folder)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from packaging.version import Version
 from .._errors import PeftBuffersWarning
 from ..core import LoadPlan, TensorPlace, atomic, plan_load, raise_for_mismatches
 from . import _peft_view as pv
+from ._base_check import check_base_before_transformers_load
 from ._targets import resolve_target
 from .registry import AdapterHook, TransformersEntry, transformers_entry_for
 
@@ -240,6 +241,7 @@ def _check_before_loading(root: torch.nn.Module, arguments: dict) -> tuple[LoadP
     (``modules_to_save``) included: those copy the base module, so they fit whenever it does. Returns the
     plan (its ``extra``: the tensors the load may write) and the incoming state dict with the model's keys.
     """
+    check_base_before_transformers_load(root, arguments)
     if (arguments.get("adapter_kwargs") or {}).get("key_mapping") or getattr(
         root, "_checkpoint_conversion_mapping", None
     ):

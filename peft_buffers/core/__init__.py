@@ -13,6 +13,16 @@ from ._adapter_file import (
     check_state_dict_fits,
     find_weights_file,
 )
+from ._base_identity import (
+    SIDECAR_NAME,
+    BaseIdentity,
+    TensorRecord,
+    base_differences,
+    describe_quantization,
+    read_sidecar,
+    write_sidecar,
+)
+from ._fingerprint import FINGERPRINT_FORMAT, fingerprint, fingerprints
 from ._load_plan import LoadPlan, plan_load, raise_for_mismatches, resolve_key
 from ._state import (
     BASE,
@@ -31,6 +41,9 @@ from ._transaction import Transaction, active_transaction, atomic, run_atomicall
 
 __all__ = [
     "BASE",
+    "FINGERPRINT_FORMAT",
+    "SIDECAR_NAME",
+    "BaseIdentity",
     "RUNNING_STAT_NAMES",
     "BaseTensors",
     "ExtraStateStore",
@@ -38,23 +51,30 @@ __all__ = [
     "ModelView",
     "TensorHeader",
     "TensorPlace",
+    "TensorRecord",
     "Transaction",
     "active_transaction",
     "atomic",
+    "base_differences",
     "check_adapter_path",
     "check_safetensors_file",
     "check_state_dict_fits",
+    "describe_quantization",
     "find_base_tensors",
     "find_running_stats",
     "find_trainable_parameters",
     "find_weights_file",
+    "fingerprint",
+    "fingerprints",
     "install_optimizer_hook",
     "is_running_stat",
     "plan_load",
     "raise_for_mismatches",
+    "read_sidecar",
     "remove_optimizer_hook",
     "resolve_key",
     "run_atomically",
     "same_bytes",
     "tracks_running_stats",
+    "write_sidecar",
 ]

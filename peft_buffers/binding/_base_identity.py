@@ -1,0 +1,242 @@
+"""The identity of the base model a PEFT model computes with, and the record of it in each adapter folder.
+
+Base values, not live ones: a tensor that training changed is fingerprinted as it was before training (the
+store keeps a copy of every persistent buffer and of every parameter before an optimizer first steps it, and
+the base value of every tensor an adapter owns); every other tensor's live value is its base value. So the
+identity recorded at save describes the base the adapter was created on, whatever training did to it.
+
+Fingerprints of a model's base are kept (per base module, weakly) and reused while each tensor is the same
+object with the same storage, version counter, dtype and shape: a second load into the same model does not
+read the base again.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from pathlib import Path
+from typing import Collection, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..core import (
+    BASE,
+    BaseIdentity,
+    TensorRecord,
+    find_base_tensors,
+    find_weights_file,
+    fingerprints,
+    write_sidecar,
+)
+from . import _peft_view as pv
+from ._quantization import describe_model_quantization, quantized_label, saved_layout
+
+__all__ = ["CARRIED", "MERGED", "UNKNOWN_BASE", "adapter_folders", "live_identity", "record_identities"]
+
+CARRIED = "carried by the adapter file"
+MERGED = "merged into by an adapter when saved"
+UNKNOWN_BASE = "base value unknown"
+_SAVED_PREFIX = "base_model.model."
+
+_cache_lock = threading.Lock()
+# base module -> {base key: (weak tensor, validity, fingerprint)}
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple]] = weakref.WeakKeyDictionary()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _materialized(tensor: torch.Tensor) -> bool:
+    """False for a sharded or partitioned tensor (FSDP2's DTensor, DeepSpeed ZeRO-3), whose local data is not
+    the tensor: no identity can be computed from it."""
+    return type(tensor).__name__ != "DTensor" and not hasattr(tensor, "ds_id")
+
+
+class _Base:
+    """One walk of a model's base: every base tensor with its base value."""
+
+    def __init__(self, root: nn.Module):
+        self.view = pv.model_view(root)
+        self.found = find_base_tensors(self.view)
+        self.store = pv.attached_store(root)
+        self.prefix = self.view.base_prefix
+
+    def name(self, key: str) -> str:
+        return key[len(self.prefix):] if key.startswith(self.prefix) else key
+
+    def value(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        store = self.store
+        if store is None:
+            return tensor
+        if store.source(store.live, key) is not BASE:  # the live adapter owns it: the base value is kept aside
+            kept = store.stored.get(BASE, {}).get(key)
+            if kept is not None:
+                return kept
+        reference = store.reference.get(key)
+        return reference if reference is not None else tensor
+
+
+def _validity(tensor: torch.Tensor) -> tuple:
+    state = getattr(tensor, "quant_state", None)
+    return (tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape), tensor.device,
+            bool(getattr(state, "packing_format_for_cpu", False)))
+
+
+def _fingerprints(base_module: nn.Module, wanted: Mapping[str, torch.Tensor]) -> dict[str, Optional[int]]:
+    """Fingerprints of ``wanted`` (base key -> base value), reusing those kept for ``base_module``."""
+    with _cache_lock:
+        kept = _FINGERPRINTS.get(base_module)
+        if kept is None:
+            kept = {}
+            _FINGERPRINTS[base_module] = kept
+        result: dict[str, Optional[int]] = {}
+        missing: dict[str, torch.Tensor] = {}
+        for key, tensor in wanted.items():
+            entry = kept.get(key)
+            if entry is not None and entry[0]() is tensor and entry[1] == _validity(tensor):
+                result[key] = entry[2]
+            else:
+                missing[key] = tensor
+    if missing:
+        computed = fingerprints([saved_layout(t) for t in missing.values()])
+        with _cache_lock:
+            for (key, tensor), value in zip(missing.items(), computed):
+                result[key] = value
+                try:
+                    kept[key] = (weakref.ref(tensor), _validity(tensor), value)
+                except TypeError:  # a tensor that takes no weak reference: not kept
+                    pass
+    return result
+
+
+def live_identity(root: nn.Module, compare_with: Optional[BaseIdentity] = None, skip: Collection[str] = ()
+                  ) -> BaseIdentity:
+    """The identity of the base ``root`` computes with (a base model, a ``PeftModel`` or a model with adapters).
+
+    With ``compare_with``, fingerprints are computed only for tensors it records with the same dtype, shape and
+    quantization (the others differ already); tensors named in ``skip`` get no fingerprint.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> identity = live_identity(net)
+        >>> list(identity.tensors)[:3], identity.quantization
+        (['0.weight', '0.bias', '1.weight'], None)
+    """
+    base = _Base(root)
+    records: dict[str, tuple[str, tuple[int, ...], Optional[str]]] = {}
+    wanted: dict[str, torch.Tensor] = {}
+    for key, place in base.found.ordered.items():
+        name = base.name(key)
+        value = base.value(key, place.tensor)
+        record = (_dtype_name(value.dtype), tuple(value.shape), quantized_label(place.tensor))
+        records[name] = record
+        if name in skip:
+            continue
+        if compare_with is not None:
+            was = compare_with.tensors.get(name)
+            if was is None or was.fingerprint is None or (was.dtype, was.shape, was.quantized) != record:
+                continue
+        if _materialized(value):
+            wanted[key] = value
+    values = _fingerprints(base.view.base, wanted)
+    tensors = {name: TensorRecord(*records[name][:2], values.get(key), records[name][2])
+               for key, name in ((k, base.name(k)) for k in base.found.ordered)}
+    return BaseIdentity(tensors, describe_model_quantization(root))
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def adapter_folders(model: nn.Module, folder: str) -> dict[str, Path]:
+    """The folder each adapter of ``model`` was just saved to under ``folder`` (those with a weights file).
+
+    A ``PeftModel`` saves adapter ``default`` into ``folder`` and any other into ``folder/<name>``; a
+    transformers model with adapters saves its active adapter into ``folder``.
+
+    Example:
+        >>> adapter_folders(nn.Linear(1, 1), "/nonexistent")
+        {}
+    """
+    names = list(getattr(model, "peft_config", None) or {})
+    if callable(getattr(type(model), "get_base_model", None)):
+        candidates = {name: Path(folder) if name == "default" else Path(folder) / name for name in names}
+    else:
+        active = pv.active_adapter(model)
+        candidates = {active: Path(folder)} if active in names else {}
+    return {name: path for name, path in candidates.items() if find_weights_file(path) in
+            (path / "adapter_model.safetensors", path / "adapter_model.bin")}
+
+
+def _file_keys(path: Path) -> set[str]:
+    """The tensor names an adapter weights file carries (the safetensors header alone; a pickle is read)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+    else:
+        keys = set(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True))
+    return keys | {k[len(_SAVED_PREFIX):] for k in keys if k.startswith(_SAVED_PREFIX)}
+
+
+def _left_out(model: nn.Module, base: _Base, adapter: str, carried_keys: set[str]) -> dict[str, list[str]]:
+    """Base tensors not recorded for ``adapter``, by reason: what its file carries (its own keys, and the
+    modules its ``modules_to_save`` copies replace), what an adapter was merged into, unknown base values."""
+    copies, merged = set(), set()
+    wrappers, tuner_layers = pv._peft_classes()
+    for module in model.modules():
+        if isinstance(module, wrappers):
+            holder = module._modules.get("modules_to_save")
+            if holder is not None and adapter in getattr(holder, "_modules", {}):
+                original = module._modules.get("original_module")
+                copies |= {id(t) for t in original.state_dict(keep_vars=True).values()} if original else set()
+        elif isinstance(module, tuner_layers) and getattr(module, "merged", False):
+            layer = module._modules.get("base_layer", module)
+            merged |= {id(t) for t in layer._parameters.values() if t is not None}
+    unknown = getattr(base.store, "unknown_base", set())
+    reasons: dict[str, list[str]] = {CARRIED: [], MERGED: [], UNKNOWN_BASE: []}
+    for key, place in base.found.ordered.items():
+        tensor = place.tensor
+        if place.saved_key in carried_keys or id(tensor) in copies:
+            reasons[CARRIED].append(base.name(key))
+        elif id(tensor) in merged:
+            reasons[MERGED].append(base.name(key))
+        elif key in unknown:
+            reasons[UNKNOWN_BASE].append(base.name(key))
+    return {reason: names for reason, names in reasons.items() if names}
+
+
+def record_identities(model: nn.Module, folders: Mapping[str, Path]) -> dict[str, Optional[BaseIdentity]]:
+    """The identity to record for each adapter (``folders``: adapter -> its saved folder): the base tensors
+    its file does not carry. None for all when the model's base is sharded (nothing reliable to record).
+
+    One fingerprint pass for all adapters.
+
+    Example:
+        >>> record_identities(nn.Linear(1, 1), {})
+        {}
+    """
+    base = _Base(model)
+    if not folders or not all(_materialized(p.tensor) for p in base.found.ordered.values()):
+        return {name: None for name in folders}
+    left_out, skipped = {}, {}
+    for adapter, folder in folders.items():
+        weights = find_weights_file(folder)
+        left_out[adapter] = _left_out(model, base, adapter, _file_keys(weights) if weights else set())
+        skipped[adapter] = {name for names in left_out[adapter].values() for name in names}
+    full = live_identity(model, skip=set.intersection(*skipped.values()))
+    return {adapter: BaseIdentity({name: record for name, record in full.tensors.items()
+                                   if name not in skipped[adapter]}, full.quantization, left_out[adapter])
+            for adapter in folders}
+
+
+def write_identities(model: nn.Module, folder: str) -> list[Path]:
+    """Record the base identity of every adapter ``model`` just saved under ``folder``; the files written."""
+    folders = adapter_folders(model, folder)
+    written = []
+    for adapter, identity in record_identities(model, folders).items():
+        if identity is not None:
+            written.append(write_sidecar(folders[adapter], identity))
+    return written

@@ -1,0 +1,208 @@
+"""A 64-bit fingerprint of a tensor's bytes that no single changed element escapes, at the cost of one read.
+
+Plain torch. The definition (``FINGERPRINT_FORMAT``), the same on every device:
+
+* the tensor's bytes, in C order, zero-padded to a whole number of 512-byte *rows*, read as little-endian
+  64-bit words (64 words a row);
+* ``s_r``: the sum of row ``r``'s words modulo 2**64;
+* the fingerprint: ``sum_r w_r * s_r`` modulo 2**64, where ``w_r = splitmix64(SEED + (r + 1) * GAMMA) | 1``
+  (an odd pseudo-random weight per row, the same for every tensor).
+
+**Guarantee.** Any element of at most 8 bytes lies in one word. If it changes, that word changes by some
+``d != 0`` (mod 2**64), its row sum by ``d``, and the fingerprint by ``w_r * d``, which is not 0 modulo 2**64
+because ``w_r`` is odd (invertible modulo 2**64). So one changed element anywhere is always found: every
+byte is read, nothing is sampled. dtype and shape are recorded beside the fingerprint, not in it.
+
+**What a collision needs.** Changes whose row-sum changes ``D_r`` cancel: ``sum_r w_r * D_r == 0`` (mod
+2**64). That happens (a) when the 8-byte words of one aligned 512-byte block are rearranged or changed so that
+their sum stays the same (e.g. two words swapped inside one block; a swap of two elements inside one word
+changes the word), or (b) by coincidence, for changes spread over blocks: about 2**-64 for unrelated values
+(2**-(64-k) when every ``D_r`` is a multiple of 2**k). It is a checksum against accidents, not a
+cryptographic hash: a deliberately crafted collision is easy.
+
+**Cost.** Row sums are one plain reduction over the tensor (torch's own ``sum``, at the speed of reading the
+bytes), written into one buffer per device; the weighting is one pass over that buffer (1/64 of the bytes);
+one host synchronisation per device for any number of tensors. Tensors under 64 KiB (and the last partial
+row of bigger ones) are concatenated and reduced together, so a model's many small tensors cost one kernel.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, Optional, Sequence
+
+import torch
+
+__all__ = ["FINGERPRINT_FORMAT", "ROW_BYTES", "fingerprint", "fingerprints", "row_weights"]
+
+#: Names the definition above; recorded with every fingerprint so that a later definition is never compared
+#: with this one.
+FINGERPRINT_FORMAT = "rowsum64-512/1"
+ROW_BYTES = 512
+_ROW_WORDS = ROW_BYTES // 8
+_DIRECT_MIN_BYTES = 64 << 10  # smaller tensors are concatenated: one kernel for all of them
+_MASK = (1 << 64) - 1
+_SEED = 0x7065_6674_6275_6666  # "peftbuff"
+_GAMMA = 0x9E37_79B9_7F4A_7C15
+_MIX1 = 0xBF58_476D_1CE4_E5B9
+_MIX2 = 0x94D0_49BB_1331_11EB
+
+_lock = threading.Lock()
+_WEIGHTS: Dict[torch.device, torch.Tensor] = {}
+_LAYOUTS: Dict[torch.device, tuple] = {}  # device -> (layout key, tensor index per row, weight per row)
+
+
+def _signed(value: int) -> int:
+    value &= _MASK
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; splitmix64 needs the logical shift
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def row_weights(rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The odd weights ``w_0 .. w_{rows-1}`` of the definition, as int64 (two's complement) on ``device``.
+
+    Made on the CPU (so every device gets the same values) and kept per device, grown as needed.
+
+    Example:
+        >>> w = row_weights(3)
+        >>> [int(x) & 1 for x in w]
+        [1, 1, 1]
+        >>> hex(int(w[0]) & (2**64 - 1))
+        '0x63a84cb02b0c2011'
+    """
+    device = torch.device(device)
+    with _lock:
+        table = _WEIGHTS.get(device)
+        if table is None or table.numel() < rows:
+            cpu = _WEIGHTS.get(torch.device("cpu"))
+            if cpu is None or cpu.numel() < rows:
+                size = max(rows, 2 * cpu.numel() if cpu is not None else 4096)
+                index = torch.arange(size, dtype=torch.int64)
+                z = index * _signed(_GAMMA) + _signed(_SEED + _GAMMA)
+                z = (z ^ _shift_right(z, 30)) * _signed(_MIX1)
+                z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
+                cpu = (z ^ _shift_right(z, 31)) | 1
+                _WEIGHTS[torch.device("cpu")] = cpu
+            table = _WEIGHTS[device] = cpu.to(device)
+        return table[:rows]
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat contiguous uint8 tensor (a view when it is contiguous)."""
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor.detach()
+    flat = data.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    try:
+        return flat.view(torch.uint8)
+    except RuntimeError:  # a dtype torch cannot view as bytes directly (e.g. quantized): a plain copy of it
+        return flat.contiguous().clone().view(torch.uint8)
+
+
+def _as_rows(data: torch.Tensor) -> Optional[torch.Tensor]:
+    """``data`` (uint8, a whole number of rows) as a (rows, 64) int64 view, or None if it is not aligned."""
+    try:
+        return data.view(torch.int64).view(-1, _ROW_WORDS)
+    except RuntimeError:
+        return None
+
+
+def fingerprints(tensors: Sequence[torch.Tensor]) -> list[Optional[int]]:
+    """The fingerprint (see the module docstring) of each tensor, as an int in [0, 2**64); None for a tensor
+    with nothing to read (on the meta device, or not materialised).
+
+    Computed on each tensor's own device, one host synchronisation per device.
+
+    Example:
+        >>> t = torch.arange(1000, dtype=torch.float32)
+        >>> changed = t.clone(); changed[999] = 999.5
+        >>> a, b, c = fingerprints([t, t.clone(), changed])
+        >>> a == b, a == c
+        (True, False)
+    """
+    results: list[Optional[int]] = [None] * len(tensors)
+    by_device: Dict[torch.device, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        if tensor.device.type == "meta" or isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
+            continue
+        by_device.setdefault(tensor.device, []).append(i)
+    for device, indices in by_device.items():
+        for i, value in zip(indices, _on_device(device, [tensors[i] for i in indices])):
+            results[i] = value
+    return results
+
+
+def fingerprint(tensor: torch.Tensor) -> Optional[int]:
+    """The fingerprint of one tensor (see :func:`fingerprints`).
+
+    Example:
+        >>> fingerprint(torch.tensor([1.0, 2.0])) == fingerprint(torch.tensor([2.0, 1.0]))  # the words differ
+        False
+        >>> fingerprint(torch.zeros(0))
+        0
+    """
+    return fingerprints([tensor])[0]
+
+
+def _on_device(device: torch.device, tensors: list[torch.Tensor]) -> list[int]:
+    direct: list[tuple[torch.Tensor, int]] = []  # (rows view, row count) reduced in place
+    pieces: list[torch.Tensor] = []  # bytes concatenated and reduced together (whole rows, zero-padded)
+    layout: list[tuple[int, bool]] = []
+    direct_rows = 0
+    for tensor in tensors:
+        data = _bytes_of(tensor)
+        nbytes = data.numel()
+        full = nbytes // ROW_BYTES
+        rows_view = _as_rows(data[: full * ROW_BYTES]) if nbytes >= _DIRECT_MIN_BYTES else None
+        if rows_view is not None:
+            direct.append((rows_view, full))
+            direct_rows += full
+            rest = data[full * ROW_BYTES:]
+        else:
+            rest = data
+        if rest.numel():
+            pieces.append(rest)
+            pad = -rest.numel() % ROW_BYTES
+            if pad:
+                pieces.append(torch.zeros(pad, dtype=torch.uint8, device=device))
+        layout.append((nbytes, rows_view is not None))
+    tensor_of_row, weight_of_row = _layout(device, tuple(layout))
+    sums = torch.empty(weight_of_row.numel(), dtype=torch.int64, device=device)
+    start = 0
+    for rows_view, count in direct:
+        torch.sum(rows_view, dim=1, out=sums[start: start + count])
+        start += count
+    if pieces:
+        packed = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        torch.sum(packed.view(torch.int64).view(-1, _ROW_WORDS), dim=1, out=sums[start:])
+    totals = torch.zeros(len(tensors), dtype=torch.int64, device=device)
+    totals.index_add_(0, tensor_of_row, sums.mul_(weight_of_row))
+    return [value & _MASK for value in totals.tolist()]
+
+
+def _layout(device: torch.device, layout: tuple[tuple[int, bool], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of the sums buffer (rows reduced in place first, then the packed ones): the index of its
+    tensor and its weight (by its row number within that tensor). Kept for the next call with the same layout."""
+    with _lock:
+        kept = _LAYOUTS.get(device)
+        if kept is not None and kept[0] == layout:
+            return kept[1], kept[2]
+    direct_owner, direct_row, packed_owner, packed_row = [], [], [], []
+    for index, (nbytes, is_direct) in enumerate(layout):
+        rows = -(-nbytes // ROW_BYTES)
+        full = nbytes // ROW_BYTES if is_direct else 0
+        direct_owner.append(torch.full((full,), index, dtype=torch.int64))
+        direct_row.append(torch.arange(full, dtype=torch.int64))
+        packed_owner.append(torch.full((rows - full,), index, dtype=torch.int64))
+        packed_row.append(torch.arange(full, rows, dtype=torch.int64))
+    owner = torch.cat(direct_owner + packed_owner)
+    row = torch.cat(direct_row + packed_row)
+    weights = row_weights(int(row.max()) + 1 if row.numel() else 0)[row] if row.numel() else row
+    owner, weights = owner.to(device), weights.to(device)
+    with _lock:
+        _LAYOUTS[device] = (layout, owner, weights)
+    return owner, weights
