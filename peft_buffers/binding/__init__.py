@@ -9,24 +9,35 @@ the wrappers, which call PEFT's originals and use :mod:`peft_buffers.core` for e
 
 from . import _versions as versions
 from . import registry
+from ._base_check import base_mismatches, check_base_before_load, warn_instead_of_raising
+from ._base_identity import live_identity
 from ._enable import disable, enable, is_enabled, patch_status
 from ._native_fields import NATIVE_FIELDS_NOTE, peft_has_native_fields
 from ._peft_view import active_adapter, model_view, quiet
+from ._quantization import describe_model_quantization, is_quantized, quantization_settings, quantized_layers
 from ._save import extra_state_dict
 from ._transformers import mixin_min_peft
 
 __all__ = [
     "NATIVE_FIELDS_NOTE",
     "active_adapter",
+    "base_mismatches",
+    "check_base_before_load",
+    "describe_model_quantization",
     "disable",
     "enable",
     "extra_state_dict",
     "is_enabled",
+    "is_quantized",
+    "live_identity",
     "mixin_min_peft",
     "model_view",
     "patch_status",
     "peft_has_native_fields",
+    "quantization_settings",
+    "quantized_layers",
     "quiet",
     "registry",
     "versions",
+    "warn_instead_of_raising",
 ]

@@ -27,7 +27,7 @@ from ._base_identity import live_identity, write_identities
 
 __all__ = ["BASE_CHECK_MODES", "base_check_mode", "base_mismatches", "check_base_before_load",
            "check_base_before_transformers_load",
-           "forced_base_check_mode", "record_base_identity"]
+           "record_base_identity", "warn_instead_of_raising"]
 
 BASE_CHECK_MODES = ("warn", "error", "off")
 
@@ -38,29 +38,28 @@ _FINDINGS: weakref.WeakKeyDictionary[nn.Module, dict[str, list[str]]] = weakref.
 
 
 def base_check_mode() -> str:
-    """The mode in force in this thread: ``enable(base_check=...)``'s, or ``"off"`` while disabled.
+    """The mode in force: ``enable(base_check=...)``'s (``"warn"`` for ``"error"`` inside
+    :func:`warn_instead_of_raising`), or ``"off"`` while disabled.
 
     Example:
         >>> import peft_buffers
         >>> peft_buffers.disable(); base_check_mode()
         'off'
     """
-    forced = getattr(_local, "mode", None)
-    if forced is not None:
-        return forced
     patch = _current.patch
-    return patch.base_check if patch is not None else "off"
+    mode = patch.base_check if patch is not None else "off"
+    return "warn" if mode == "error" and getattr(_local, "no_raise", False) else mode
 
 
 @contextlib.contextmanager
-def forced_base_check_mode(mode: str) -> Iterator[None]:
-    """Use ``mode`` in this thread while inside (``check_reload`` reports a mismatch instead of raising it)."""
-    previous = getattr(_local, "mode", None)
-    _local.mode = mode
+def warn_instead_of_raising() -> Iterator[None]:
+    """Inside, in this thread, a mismatch warns even with ``base_check="error"`` (``check_reload`` reports it)."""
+    previous = getattr(_local, "no_raise", False)
+    _local.no_raise = True
     try:
         yield
     finally:
-        _local.mode = previous
+        _local.no_raise = previous
 
 
 def check_base_before_load(model: nn.Module, model_id: Union[str, os.PathLike, None], subfolder: Optional[str] = None,

@@ -30,7 +30,7 @@ from ..core import (
     write_sidecar,
 )
 from . import _peft_view as pv
-from ._quantization import describe_model_quantization, quantized_label, saved_layout
+from ._quantization import describe_model_quantization, quantized_label, saved_layout, saved_layout_dtype_and_shape
 
 __all__ = ["CARRIED", "MERGED", "UNKNOWN_BASE", "adapter_folders", "live_identity", "record_identities"]
 
@@ -85,7 +85,8 @@ def _validity(tensor: torch.Tensor) -> tuple:
 
 
 def _fingerprints(base_module: nn.Module, wanted: Mapping[str, torch.Tensor]) -> dict[str, Optional[int]]:
-    """Fingerprints of ``wanted`` (base key -> base value), reusing those kept for ``base_module``."""
+    """Fingerprints of ``wanted`` (name in the base model -> base value, read in its saved layout), reusing
+    those kept for ``base_module``."""
     with _cache_lock:
         kept = _FINGERPRINTS.get(base_module)
         if kept is None:
@@ -130,7 +131,8 @@ def live_identity(root: nn.Module, compare_with: Optional[BaseIdentity] = None, 
     for key, place in base.found.ordered.items():
         name = base.name(key)
         value = base.value(key, place.tensor)
-        record = (_dtype_name(value.dtype), tuple(value.shape), quantized_label(place.tensor))
+        dtype, shape = saved_layout_dtype_and_shape(value)
+        record = (_dtype_name(dtype), shape, quantized_label(place.tensor))
         records[name] = record
         if name in skip:
             continue
@@ -139,10 +141,10 @@ def live_identity(root: nn.Module, compare_with: Optional[BaseIdentity] = None, 
             if was is None or was.fingerprint is None or (was.dtype, was.shape, was.quantized) != record:
                 continue
         if _materialized(value):
-            wanted[key] = value
+            wanted[name] = value
     values = _fingerprints(base.view.base, wanted)
-    tensors = {name: TensorRecord(*records[name][:2], values.get(key), records[name][2])
-               for key, name in ((k, base.name(k)) for k in base.found.ordered)}
+    tensors = {name: TensorRecord(dtype, shape, values.get(name), quantized)
+               for name, (dtype, shape, quantized) in records.items()}
     return BaseIdentity(tensors, describe_model_quantization(root))
 
 

@@ -18,7 +18,7 @@ from ..core import find_base_tensors
 from . import _peft_view as pv
 
 __all__ = ["describe_model_quantization", "is_quantized", "quantization_settings", "quantized_label",
-           "quantized_layers", "saved_layout"]
+           "quantized_layers", "saved_layout", "saved_layout_dtype_and_shape"]
 
 
 def is_quantized(tensor: torch.Tensor) -> bool:
@@ -71,6 +71,21 @@ def saved_layout(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     data, _ = _convert_weight_packed_for_cpu_inverse(tensor.data, copy.copy(state))  # it edits the state it gets
     return data
+
+
+def saved_layout_dtype_and_shape(tensor: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
+    """dtype and shape of :func:`saved_layout` (``tensor``), without computing it.
+
+    Example:
+        >>> saved_layout_dtype_and_shape(torch.zeros(2, 3))
+        (torch.float32, (2, 3))
+    """
+    state = getattr(tensor, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        shape = getattr(state, "original_qshape", None)
+        if shape is not None:
+            return getattr(state, "original_storage_type", None) or torch.uint8, tuple(shape)
+    return tensor.dtype, tuple(tensor.shape)
 
 
 def quantization_settings(root: nn.Module) -> dict[str, Any]:

@@ -10,6 +10,10 @@ so a user sees what a file will change before loading it:
   quantization observers and fake-quant modules) or by an integer dtype;
 * direct parameters: every other base-model tensor (a buffer of a third-party module that has none of those
   names is listed here too: a file alone does not say whether a tensor is a parameter or a buffer).
+
+When the folder records the base model the adapter was trained on (``peft_buffers_base.json``, written by
+``save_pretrained`` with peft_buffers enabled), a last line summarises it: tensor count by dtype, quantization,
+and what the record leaves out (the tensors the file carries itself).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
-from ..core import RUNNING_STAT_NAMES
+from ..core import RUNNING_STAT_NAMES, SIDECAR_NAME, read_sidecar
 
 __all__ = ["HELP", "AdapterFileSummary", "add_arguments", "inspect_adapter", "run"]
 
@@ -56,6 +60,7 @@ class AdapterFileSummary:
     running_stats: dict[str, list[TensorInfo]] = field(default_factory=dict)
     buffers: list[TensorInfo] = field(default_factory=list)
     direct: list[TensorInfo] = field(default_factory=list)
+    base: Optional[str] = None  # the recorded base model, summarised (None: the folder records none)
 
     def render(self) -> str:
         def total(infos):
@@ -81,6 +86,8 @@ class AdapterFileSummary:
             lines.append(f"    {module}  [{names}]  {total(infos):,} bytes")
         lines += listed("changed buffers", self.buffers)
         lines += listed("direct parameters", self.direct)
+        if self.base is not None:
+            lines.append(f"  base model ({SIDECAR_NAME}): {self.base}")
         return "\n".join(lines)
 
 
@@ -159,6 +166,11 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
     infos = _read_tensor_infos(path)
     wrapped = {i.key.split("." + p)[0] for i in infos for p in i.key.split(".") if p.startswith(_TUNER_PREFIXES)}
     summary = AdapterFileSummary(path=path, file_bytes=path.stat().st_size)
+    try:
+        recorded = read_sidecar(path.parent)
+        summary.base = recorded.summary() if recorded is not None else None
+    except ValueError as error:
+        summary.base = f"unreadable: {error}"
     for info in infos:
         parts = info.key.split(".")
         base_key = info.key.removeprefix("base_model.model.")

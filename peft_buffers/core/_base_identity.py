@@ -204,8 +204,8 @@ def base_differences(recorded: BaseIdentity, live: BaseIdentity) -> list[str]:
     if extra:
         lines.append(f"{_tensors(len(extra))} of this base were not in the trained base, e.g. {_examples(extra)}")
     if values:
-        lines.append(f"{len(values)} of {total} tensors differ in value, e.g. {_examples(values, more=False)}: was the adapter "
-                     f"trained on another base or revision?")
+        lines.append(f"{len(values)} of {total} tensors differ in value, e.g. {_examples(values, more=False)}: "
+                     f"was the adapter trained on another base or revision?")
     if statistics:
         lines.append(f"running statistics differ: {_examples(statistics, 3)} (the adapter does not carry them)")
     return lines

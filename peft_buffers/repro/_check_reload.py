@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import binding as pv
+from .._errors import BaseMismatchWarning
 from ._common import short_list
 from ._explain import explain
 from ._reload_causes import (
@@ -82,7 +83,7 @@ def _save_and_load(model: nn.Module, make_base: Callable[[], nn.Module], active:
 
     names = list(model.peft_config)
     with tempfile.TemporaryDirectory(prefix="peft_buffers_check_") as directory, \
-            warnings.catch_warnings(record=True) as caught:
+            warnings.catch_warnings(record=True) as caught, pv.warn_instead_of_raising():
         warnings.simplefilter("always")
         model.save_pretrained(directory)
         saved_keys = file_keys(adapter_dir(directory, active))
@@ -93,9 +94,12 @@ def _save_and_load(model: nn.Module, make_base: Callable[[], nn.Module], active:
                 loaded.load_adapter(adapter_dir(directory, name), adapter_name=name, is_trainable=is_trainable)
         if len(names) > 1:
             loaded.set_adapter(active)
+    for adapter, differences in pv.base_mismatches(loaded).items():
+        notes.append(f"make_base() is not the base adapter {adapter!r} was trained on (as recorded when it was "
+                     f"saved): {'; '.join(differences)}")
     for warning in caught:
-        if issubclass(warning.category, (DeprecationWarning, FutureWarning)):
-            continue  # about the libraries' APIs, not about this model
+        if issubclass(warning.category, (DeprecationWarning, FutureWarning, BaseMismatchWarning)):
+            continue  # about the libraries' APIs, not about this model; the base mismatch is a note above
         note = f"warning while saving or loading: {str(warning.message).strip().splitlines()[0]}"
         if note not in notes:
             notes.append(note)

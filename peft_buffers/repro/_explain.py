@@ -83,7 +83,8 @@ def explain(model: nn.Module) -> Explanation:
 
     Looks for modules in train mode with active dropout (``nn.Dropout`` and its kin, PEFT's ``lora_dropout``,
     attention dropout applied functionally), normalisation layers with running statistics in train mode,
-    PEFT adapters that are disabled or merged into the base weights, and sampling in the generation config.
+    PEFT adapters that are disabled or merged into the base weights, adapters loaded onto another base model than
+    the one they were trained on (as recorded in their folder), and sampling in the generation config.
 
     Example:
         >>> from torch import nn
@@ -173,6 +174,13 @@ def explain(model: nn.Module) -> Explanation:
             f"merged weights round differently from an unmerged model, and the saved file holds unmerged weights",
             "call model.unmerge_adapter() before comparing with a reloaded (unmerged) model, or merge both",
             names,
+        ))
+    for adapter, differences in pv.base_mismatches(model).items():
+        findings.append(Finding(
+            "base_differs",
+            f"adapter {adapter!r} was loaded onto another base model than the one it was trained on: "
+            f"{'; '.join(differences)}",
+            "load it onto the base it was trained on (python -m peft_buffers inspect DIR shows the recorded base)",
         ))
     generation_config = getattr(_base_model(model), "generation_config", None)
     if getattr(generation_config, "do_sample", False):

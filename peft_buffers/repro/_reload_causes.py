@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..binding import extra_state_dict, is_enabled
+from ..binding import extra_state_dict, is_enabled, is_quantized, quantization_settings, quantized_layers
 from ..core import RUNNING_STAT_NAMES
 from ._common import adapter_tensors, base_tensors, bitwise_equal, short_list
 from ._running import call, compare, main_float
@@ -85,10 +85,6 @@ def _delta(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"{differ} of {a.numel()} values differ"
 
 
-def _is_quantized(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ in ("Params4bit", "Int8Params") or hasattr(tensor, "quant_state")
-
-
 _QUANT_LABELS = {
     "bits": "bits",
     "bnb_4bit_quant_type": "quant type (bnb_4bit_quant_type)",
@@ -98,46 +94,8 @@ _QUANT_LABELS = {
 }
 
 
-def _quant_settings(peft_model: nn.Module) -> dict[str, Any]:
-    """The base model's quantization config as flat settings; {} when it is not quantized."""
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    config = getattr(getattr(base, "config", None), "quantization_config", None)
-    if config is None:
-        config = getattr(getattr(base, "hf_quantizer", None), "quantization_config", None)
-    if config is None:
-        return {}
-    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    settings: dict[str, Any] = {}
-    bits = 4 if raw.get("load_in_4bit") else 8 if raw.get("load_in_8bit") else raw.get("bits")
-    settings["bits"] = bits
-    for key, value in raw.items():
-        if key.startswith("_") or key in ("load_in_4bit", "load_in_8bit", "bits"):
-            continue
-        if key.startswith("bnb_4bit_") and bits != 4:
-            continue
-        settings[key] = str(value) if isinstance(value, torch.dtype) else value
-    return settings
-
-
-def _module_quant(peft_model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per quantized layer: bits, quant type, double quant, block size (read from the weights)."""
-    layers = {}
-    for entry in base_tensors(peft_model).values():
-        tensor = entry.tensor
-        if not _is_quantized(tensor):
-            continue
-        state = getattr(tensor, "quant_state", None)
-        layers[entry.name.rsplit(".", 1)[0]] = {
-            "bits": 4 if type(tensor).__name__ == "Params4bit" or state is not None else 8,
-            "quant type": getattr(tensor, "quant_type", None) or getattr(state, "quant_type", None),
-            "double quant": bool(getattr(state, "nested", getattr(tensor, "compress_statistics", False))),
-            "blocksize": getattr(tensor, "blocksize", None) or getattr(state, "blocksize", None),
-        }
-    return layers
-
-
 def quantization_cause(model: nn.Module, loaded: nn.Module) -> Optional[Cause]:
-    trained, reloaded = _quant_settings(model), _quant_settings(loaded)
+    trained, reloaded = quantization_settings(model), quantization_settings(loaded)
     evidence = []
     for key in list(trained) + [k for k in reloaded if k not in trained]:
         a, b = trained.get(key, "(not set)"), reloaded.get(key, "(not set)")
@@ -147,7 +105,7 @@ def quantization_cause(model: nn.Module, loaded: nn.Module) -> Optional[Cause]:
         evidence.insert(0, "the reloaded base model is not quantized")
     if reloaded and not trained:
         evidence.insert(0, "the trained base model was not quantized")
-    layers_a, layers_b = _module_quant(model), _module_quant(loaded)
+    layers_a, layers_b = quantized_layers(model), quantized_layers(loaded)
     layer_diffs = []
     for name in list(layers_a) + [n for n in layers_b if n not in layers_a]:
         a, b = layers_a.get(name, {}), layers_b.get(name, {})
@@ -252,7 +210,7 @@ def base_causes(model: nn.Module, loaded: nn.Module, skip: set[str]) -> list[Cau
             continue
         if bitwise_equal(ta, tb):
             continue
-        if quant_cause is not None and (_is_quantized(ta) or _is_quantized(tb)):
+        if quant_cause is not None and (is_quantized(ta) or is_quantized(tb)):
             quant_consequences += 1  # explained by the other quantization
             continue
         weight_diffs.append(f"{a.name} ({a.what}): {_delta(ta, tb)}")

@@ -7,11 +7,14 @@ parameters): stock PEFT checkpoints lose both, so a loaded checkpoint or a resum
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from peft_buffers import BaseMismatchWarning
 
 from ._tiny import STEM_NORM, images, logits, lora_config, resnet
 
@@ -73,8 +76,13 @@ def test_each_checkpoint_loads_as_the_model_of_its_step(uninterrupted):
     output_dir, _, recorder = uninterrupted
     assert sorted(recorder.logits) == list(range(SAVE_EVERY, STEPS + 1, SAVE_EVERY))
     for step, expected in recorder.logits.items():
-        loaded = PeftModel.from_pretrained(resnet(0), output_dir / f"checkpoint-{step}")
+        assert (output_dir / f"checkpoint-{step}" / "peft_buffers_base.json").is_file()  # the base it trains on
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", BaseMismatchWarning)  # the same base: the check says nothing
+            loaded = PeftModel.from_pretrained(resnet(0), output_dir / f"checkpoint-{step}")
         assert torch.equal(logits(loaded), expected), f"checkpoint-{step}"
+    with pytest.warns(BaseMismatchWarning, match="tensors differ in value"):
+        PeftModel.from_pretrained(resnet(1), output_dir / f"checkpoint-{STEPS}")  # a base of another seed
 
 
 # https://github.com/huggingface/peft/issues/1732
