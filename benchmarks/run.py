@@ -25,6 +25,7 @@ import peft_buffers
 
 from .attach import time_attach
 from .env import Timer, summarize, sync
+from .identity import time_identity
 from .models import ModelSpec, NormStack, logits_of, loss_of
 
 __all__ = ["STRATEGIES", "run_model", "run_scaling"]
@@ -238,6 +239,8 @@ def run_model(
                                        device, 1 if quick else reps, 0 if quick else warmup,
                                        set_peft_buffers)
         _log(f"{spec.label}: attach timed")
+        record["base_identity"] = time_identity(pristine, device, 1 if quick else reps, 0 if quick else warmup)
+        _log(f"{spec.label}: base identity timed")
 
     for strategy in strategies:
         entry = record["strategies"][strategy]

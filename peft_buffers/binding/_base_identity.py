@@ -30,7 +30,13 @@ from ..core import (
     write_sidecar,
 )
 from . import _peft_view as pv
-from ._quantization import describe_model_quantization, quantized_label, saved_layout, saved_layout_dtype_and_shape
+from ._quantization import (
+    describe_model_quantization,
+    quant_state,
+    quantized_label,
+    saved_layout,
+    saved_layout_dtype_and_shape,
+)
 
 __all__ = ["CARRIED", "MERGED", "UNKNOWN_BASE", "adapter_folders", "live_identity", "record_identities"]
 
@@ -79,7 +85,7 @@ class _Base:
 
 
 def _validity(tensor: torch.Tensor) -> tuple:
-    state = getattr(tensor, "quant_state", None)
+    state = quant_state(tensor)
     return (tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape), tensor.device,
             bool(getattr(state, "packing_format_for_cpu", False)))
 
@@ -145,7 +151,8 @@ def live_identity(root: nn.Module, compare_with: Optional[BaseIdentity] = None, 
     values = _fingerprints(base.view.base, wanted)
     tensors = {name: TensorRecord(dtype, shape, values.get(name), quantized)
                for name, (dtype, shape, quantized) in records.items()}
-    return BaseIdentity(tensors, describe_model_quantization(root))
+    weights = ((p.module, p.tensor) for p in base.found.parameters.values() if p.name == "weight")
+    return BaseIdentity(tensors, describe_model_quantization(root, weights))
 
 
 # ------------------------------------------------------------------------------------------------ saving

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -21,6 +21,12 @@ __all__ = ["describe_model_quantization", "is_quantized", "quantization_settings
            "quantized_layers", "saved_layout", "saved_layout_dtype_and_shape"]
 
 
+def quant_state(tensor: torch.Tensor) -> Any:
+    """bitsandbytes' ``quant_state`` of a weight; None for a plain tensor (without an attribute lookup)."""
+    kind = type(tensor)
+    return None if kind is torch.Tensor or kind is nn.Parameter else getattr(tensor, "quant_state", None)
+
+
 def is_quantized(tensor: torch.Tensor) -> bool:
     """True for a bitsandbytes quantized weight.
 
@@ -28,7 +34,10 @@ def is_quantized(tensor: torch.Tensor) -> bool:
         >>> is_quantized(torch.zeros(2))
         False
     """
-    return type(tensor).__name__ in ("Params4bit", "Int8Params") or hasattr(tensor, "quant_state")
+    kind = type(tensor)
+    if kind is torch.Tensor or kind is nn.Parameter:  # the common case, without an attribute lookup
+        return False
+    return kind.__name__ in ("Params4bit", "Int8Params") or hasattr(tensor, "quant_state")
 
 
 def _is_4bit(tensor: torch.Tensor) -> bool:
@@ -62,7 +71,7 @@ def saved_layout(tensor: torch.Tensor) -> torch.Tensor:
         >>> saved_layout(t) is t
         True
     """
-    state = getattr(tensor, "quant_state", None)
+    state = quant_state(tensor)
     if state is None or not getattr(state, "packing_format_for_cpu", False):
         return tensor
     try:
@@ -80,7 +89,7 @@ def saved_layout_dtype_and_shape(tensor: torch.Tensor) -> tuple[torch.dtype, tup
         >>> saved_layout_dtype_and_shape(torch.zeros(2, 3))
         (torch.float32, (2, 3))
     """
-    state = getattr(tensor, "quant_state", None)
+    state = quant_state(tensor)
     if state is not None and getattr(state, "packing_format_for_cpu", False):
         shape = getattr(state, "original_qshape", None)
         if shape is not None:
@@ -144,12 +153,14 @@ def _scalar(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool)) or value is None else None
 
 
-def describe_model_quantization(root: nn.Module) -> Optional[dict[str, Any]]:
+def describe_model_quantization(root: nn.Module, weights: Optional[Iterable[tuple[nn.Module, torch.Tensor]]] = None
+                                ) -> Optional[dict[str, Any]]:
     """How the base model is quantized, as plain JSON values; None when it is not.
 
     bitsandbytes: ``method``, ``bits``, and for 4 bits ``quant_type``, ``compute_dtype``, ``double_quant``,
     ``storage``; from the config when the model has one, else from its quantized layers. Another quantizer:
-    ``method`` and the config's scalar ``settings``.
+    ``method`` and the config's scalar ``settings``. ``weights``: the base model's ``(module, weight)`` pairs when
+    the caller has them (else the modules are walked).
 
     Example:
         >>> describe_model_quantization(nn.Linear(2, 2)) is None
@@ -169,14 +180,15 @@ def describe_model_quantization(root: nn.Module) -> Optional[dict[str, Any]]:
                 "compute_dtype": _scalar(settings.get("bnb_4bit_compute_dtype")),
                 "double_quant": bool(settings.get("bnb_4bit_use_double_quant")),
                 "storage": _scalar(settings.get("bnb_4bit_quant_storage")) or "uint8"}
-    return _from_layers(root)
+    if weights is None:
+        weights = ((m, m._parameters.get("weight")) for m in pv.model_view(root).base.modules())
+    return _from_layers(weights)
 
 
-def _from_layers(root: nn.Module) -> Optional[dict[str, Any]]:
+def _from_layers(weights: Iterable[tuple[nn.Module, Optional[torch.Tensor]]]) -> Optional[dict[str, Any]]:
     """The description read from the quantized layers (a model quantized by hand, without a config)."""
     found: Counter = Counter()
-    for module in pv.model_view(root).base.modules():
-        weight = module._parameters.get("weight")
+    for module, weight in weights:
         if weight is None or not is_quantized(weight):
             continue
         if not _is_4bit(weight):

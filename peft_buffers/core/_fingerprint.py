@@ -24,6 +24,8 @@ cryptographic hash: a deliberately crafted collision is easy.
 bytes), written into one buffer per device; the weighting is one pass over that buffer (1/64 of the bytes);
 one host synchronisation per device for any number of tensors. Tensors under 64 KiB (and the last partial
 row of bigger ones) are concatenated and reduced together, so a model's many small tensors cost one kernel.
+On a CUDA device with Triton, one kernel reads every bigger tensor through a table of pointers
+(:mod:`._fingerprint_cuda`): no launch per tensor.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import threading
 from typing import Dict, Optional, Sequence
 
 import torch
+
+from ._fingerprint_cuda import direct_totals
 
 __all__ = ["FINGERPRINT_FORMAT", "ROW_BYTES", "fingerprint", "fingerprints", "row_weights"]
 
@@ -49,7 +53,8 @@ _MIX2 = 0x94D0_49BB_1331_11EB
 
 _lock = threading.Lock()
 _WEIGHTS: Dict[torch.device, torch.Tensor] = {}
-_LAYOUTS: Dict[torch.device, tuple] = {}  # device -> (layout key, tensor index per row, weight per row)
+_ZEROS: Dict[torch.device, torch.Tensor] = {}
+_LAYOUTS: Dict[tuple, tuple] = {}  # (device, layout) -> (tensor index per row, weight per row), the last 8
 
 
 def _signed(value: int) -> int:
@@ -93,22 +98,13 @@ def row_weights(rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as a flat contiguous uint8 tensor (a view when it is contiguous)."""
-    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor.detach()
-    flat = data.reshape(-1)
+    flat = tensor.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
     try:
         return flat.view(torch.uint8)
     except RuntimeError:  # a dtype torch cannot view as bytes directly (e.g. quantized): a plain copy of it
         return flat.contiguous().clone().view(torch.uint8)
-
-
-def _as_rows(data: torch.Tensor) -> Optional[torch.Tensor]:
-    """``data`` (uint8, a whole number of rows) as a (rows, 64) int64 view, or None if it is not aligned."""
-    try:
-        return data.view(torch.int64).view(-1, _ROW_WORDS)
-    except RuntimeError:
-        return None
 
 
 def fingerprints(tensors: Sequence[torch.Tensor]) -> list[Optional[int]]:
@@ -149,60 +145,76 @@ def fingerprint(tensor: torch.Tensor) -> Optional[int]:
 
 
 def _on_device(device: torch.device, tensors: list[torch.Tensor]) -> list[int]:
-    direct: list[tuple[torch.Tensor, int]] = []  # (rows view, row count) reduced in place
+    direct: list[tuple[int, torch.Tensor, int]] = []  # (index, tensor, whole rows) read where they are
     pieces: list[torch.Tensor] = []  # bytes concatenated and reduced together (whole rows, zero-padded)
-    layout: list[tuple[int, bool]] = []
-    direct_rows = 0
-    for tensor in tensors:
-        data = _bytes_of(tensor)
-        nbytes = data.numel()
+    packed: list[tuple[int, int, int]] = []  # (index, first row, rows) of the concatenated bytes
+    zeros = _zeros(device)
+    for index, tensor in enumerate(tensors):
+        data = tensor.detach()  # a plain tensor, also of a Parameter subclass
+        nbytes = data.numel() * data.element_size()
         full = nbytes // ROW_BYTES
-        rows_view = _as_rows(data[: full * ROW_BYTES]) if nbytes >= _DIRECT_MIN_BYTES else None
-        if rows_view is not None:
-            direct.append((rows_view, full))
-            direct_rows += full
-            rest = data[full * ROW_BYTES:]
+        if nbytes >= _DIRECT_MIN_BYTES and data.is_contiguous() and data.data_ptr() % 8 == 0:
+            direct.append((index, data, full))
+            rest = _bytes_of(data)[full * ROW_BYTES:] if nbytes % ROW_BYTES else None
         else:
-            rest = data
-        if rest.numel():
+            full, rest = 0, _bytes_of(data) if nbytes else None
+        if rest is not None:
             pieces.append(rest)
-            pad = -rest.numel() % ROW_BYTES
-            if pad:
-                pieces.append(torch.zeros(pad, dtype=torch.uint8, device=device))
-        layout.append((nbytes, rows_view is not None))
-    tensor_of_row, weight_of_row = _layout(device, tuple(layout))
-    sums = torch.empty(weight_of_row.numel(), dtype=torch.int64, device=device)
-    start = 0
-    for rows_view, count in direct:
-        torch.sum(rows_view, dim=1, out=sums[start: start + count])
-        start += count
-    if pieces:
-        packed = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
-        torch.sum(packed.view(torch.int64).view(-1, _ROW_WORDS), dim=1, out=sums[start:])
+            if rest.numel() % ROW_BYTES:
+                pieces.append(zeros[: -rest.numel() % ROW_BYTES])
+            packed.append((index, full, -(-rest.numel() // ROW_BYTES)))
     totals = torch.zeros(len(tensors), dtype=torch.int64, device=device)
-    totals.index_add_(0, tensor_of_row, sums.mul_(weight_of_row))
+    fast = None
+    if direct:
+        weights = row_weights(max(rows for _, _, rows in direct), device)
+        fast = direct_totals(device, [t.data_ptr() for _, t, _ in direct], [rows for _, _, rows in direct], weights)
+    if fast is not None:
+        totals.index_copy_(0, torch.tensor([i for i, _, _ in direct], device=device), fast)
+        segments = packed
+    else:
+        segments = [(index, 0, rows) for index, _, rows in direct] + packed
+    if segments:
+        owner, weight = _layout(device, tuple(segments))
+        sums = torch.empty(owner.numel(), dtype=torch.int64, device=device)
+        start = 0
+        if fast is None and direct:
+            views = [t.reshape(-1).view(torch.uint8)[: rows * ROW_BYTES].view(torch.int64).view(-1, _ROW_WORDS)
+                     for _, t, rows in direct]
+            start = sum(rows for _, _, rows in direct)
+            for view, out in zip(views, sums[:start].split([rows for _, _, rows in direct])):
+                torch.sum(view, dim=1, out=out)
+        if pieces:
+            joined = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            torch.sum(joined.view(torch.int64).view(-1, _ROW_WORDS), dim=1, out=sums[start:])
+        totals.index_add_(0, owner, sums.mul_(weight))
     return [value & _MASK for value in totals.tolist()]
 
 
-def _layout(device: torch.device, layout: tuple[tuple[int, bool], ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of the sums buffer (rows reduced in place first, then the packed ones): the index of its
-    tensor and its weight (by its row number within that tensor). Kept for the next call with the same layout."""
+def _zeros(device: torch.device) -> torch.Tensor:
     with _lock:
-        kept = _LAYOUTS.get(device)
-        if kept is not None and kept[0] == layout:
-            return kept[1], kept[2]
-    direct_owner, direct_row, packed_owner, packed_row = [], [], [], []
-    for index, (nbytes, is_direct) in enumerate(layout):
-        rows = -(-nbytes // ROW_BYTES)
-        full = nbytes // ROW_BYTES if is_direct else 0
-        direct_owner.append(torch.full((full,), index, dtype=torch.int64))
-        direct_row.append(torch.arange(full, dtype=torch.int64))
-        packed_owner.append(torch.full((rows - full,), index, dtype=torch.int64))
-        packed_row.append(torch.arange(full, rows, dtype=torch.int64))
-    owner = torch.cat(direct_owner + packed_owner)
-    row = torch.cat(direct_row + packed_row)
-    weights = row_weights(int(row.max()) + 1 if row.numel() else 0)[row] if row.numel() else row
-    owner, weights = owner.to(device), weights.to(device)
+        zeros = _ZEROS.get(device)
+        if zeros is None:
+            zeros = _ZEROS[device] = torch.zeros(ROW_BYTES, dtype=torch.uint8, device=device)
+        return zeros
+
+
+def _layout(device: torch.device, segments: tuple[tuple[int, int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``segments`` (tensor index, its first row, row count), in order: the tensor index and the
+    weight of its row number within that tensor. The last few layouts are kept per device."""
+    key = (device, segments)
     with _lock:
-        _LAYOUTS[device] = (layout, owner, weights)
-    return owner, weights
+        kept = _LAYOUTS.get(key)
+        if kept is not None:
+            return kept
+    counts = torch.tensor([rows for _, _, rows in segments], dtype=torch.int64)
+    owner = torch.repeat_interleave(torch.tensor([index for index, _, _ in segments], dtype=torch.int64), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    first = torch.tensor([row for _, row, _ in segments], dtype=torch.int64)
+    row = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(starts - first, counts)
+    weights = row_weights(int(row.max()) + 1)[row] if row.numel() else row
+    kept = owner.to(device), weights.to(device)
+    with _lock:
+        if len(_LAYOUTS) >= 8:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = kept
+    return kept
