@@ -193,7 +193,7 @@ def base_differences(recorded: BaseIdentity, live: BaseIdentity) -> list[str]:
     if quantized and not lines:  # same description, but not the same layers
         lines.append(f"{_tensors(len(quantized))} quantized differently, e.g. {quantized[0]}")
     for (was_dtype, now_dtype), names in dtypes.items():
-        examples = f", e.g. {_examples(names)}" if len(names) < total else ""
+        examples = f", e.g. {_examples(names, more=False)}" if len(names) < total else ""
         lines.append(f"trained on {was_dtype} weights, loading onto {now_dtype} ({_tensors(len(names))}{examples})")
     if shapes:
         lines.append(f"{_tensors(len(shapes))} of another shape, e.g. {shapes[0]}")
