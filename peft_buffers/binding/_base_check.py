@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Union
 from torch import nn
 
 from .._errors import BaseMismatch, BaseMismatchWarning, PeftBuffersWarning, base_mismatch_message
-from ..core import active_transaction, base_differences, find_weights_file, read_sidecar
+from ..core import base_differences, find_weights_file, read_sidecar
 from . import _current
 from . import _peft_view as pv
 from ._base_identity import live_identity, write_identities
@@ -77,9 +77,11 @@ def check_base_before_load(model: nn.Module, model_id: Union[str, os.PathLike, N
     mode = base_check_mode()
     if mode == "off" or model_id is None:
         return None
-    get_base = getattr(type(model), "get_base_model", None)
-    if callable(get_base) and active_transaction(get_base(model)) is not None:
-        return None  # load_adapter inside PeftModel.from_pretrained, which checked this base already
+    transaction = pv.covering_transaction(model)
+    checked = transaction.memo.setdefault("checked_bases", set()) if transaction is not None else set()
+    if (str(model_id), subfolder) in checked:
+        return None  # load_adapter inside PeftModel.from_pretrained, which checked this folder already
+    checked.add((str(model_id), subfolder))
     weights = find_weights_file(model_id, subfolder)
     if weights is None:
         return None

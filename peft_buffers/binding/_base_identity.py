@@ -6,8 +6,8 @@ the base value of every tensor an adapter owns); every other tensor's live value
 identity recorded at save describes the base the adapter was created on, whatever training did to it.
 
 Fingerprints of a model's base are kept (per base module, weakly) and reused while each tensor is the same
-object with the same storage, version counter, dtype and shape: a second load into the same model does not
-read the base again.
+object (or a view of the same object) with the same data pointer, version counter, dtype and shape: a second
+load into the same model does not read the base again.
 """
 
 from __future__ import annotations
@@ -79,9 +79,16 @@ class _Base:
         if store.source(store.live, key) is not BASE:  # the live adapter owns it: the base value is kept aside
             kept = store.stored.get(BASE, {}).get(key)
             if kept is not None:
-                return kept
+                return kept if isinstance(kept, torch.Tensor) else kept.tensor()
         reference = store.reference.get(key)
+        if reference is not None and not isinstance(reference, torch.Tensor):
+            reference = reference.tensor()  # kept inside one flat copy of many: a view of it, the store unchanged
         return reference if reference is not None else tensor
+
+
+def _owner(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage ``tensor`` is (itself, or the one it views: a view is made anew on every look)."""
+    return tensor._base if tensor._base is not None else tensor
 
 
 def _validity(tensor: torch.Tensor) -> tuple:
@@ -102,7 +109,7 @@ def _fingerprints(base_module: nn.Module, wanted: Mapping[str, torch.Tensor]) ->
         missing: dict[str, torch.Tensor] = {}
         for key, tensor in wanted.items():
             entry = kept.get(key)
-            if entry is not None and entry[0]() is tensor and entry[1] == _validity(tensor):
+            if entry is not None and entry[0]() is _owner(tensor) and entry[1] == _validity(tensor):
                 result[key] = entry[2]
             else:
                 missing[key] = tensor
@@ -112,7 +119,7 @@ def _fingerprints(base_module: nn.Module, wanted: Mapping[str, torch.Tensor]) ->
             for (key, tensor), value in zip(missing.items(), computed):
                 result[key] = value
                 try:
-                    kept[key] = (weakref.ref(tensor), _validity(tensor), value)
+                    kept[key] = (weakref.ref(_owner(tensor)), _validity(tensor), value)
                 except TypeError:  # a tensor that takes no weak reference: not kept
                     pass
     return result
