@@ -15,8 +15,9 @@ from peft_buffers.binding.registry import REGISTRY, TESTED_TORCH, supported_rang
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported only when installed: transformers (the demo, the transformers-native hooks; PEFT itself requires it
-# anyway), bitsandbytes (only for a model that already holds its 4-bit weights).
-OPTIONAL = {"transformers", "bitsandbytes"}
+# anyway), bitsandbytes (only for a model that already holds its 4-bit weights), triton (fingerprints on CUDA in
+# one kernel; CUDA builds of torch bring it).
+OPTIONAL = {"transformers", "bitsandbytes", "triton"}
 
 
 def install_requires() -> dict[str, Requirement]:
