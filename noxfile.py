@@ -32,9 +32,15 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 def _load_registry():
-    # Load the module file alone: `import peft_buffers` would import torch, which nox's own env lacks.
-    path = ROOT / "peft_buffers" / "binding" / "registry.py"
-    spec = importlib.util.spec_from_file_location("_peft_buffers_registry", path)
+    # Load the registry without its package: `import peft_buffers` would import torch, which nox's own env lacks.
+    # A stand-in package lets its relative import of the data module beside it (binding/_api_table.py) resolve.
+    import types
+
+    folder = ROOT / "peft_buffers" / "binding"
+    package = types.ModuleType("_peft_buffers_binding")
+    package.__path__ = [str(folder)]
+    sys.modules[package.__name__] = package
+    spec = importlib.util.spec_from_file_location(f"{package.__name__}.registry", folder / "registry.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look the module up while building the classes
     spec.loader.exec_module(module)

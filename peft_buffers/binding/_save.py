@@ -84,6 +84,7 @@ def extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set, pe
     """
     store = pv.ensure_store(root, late=True)
     found = pv.settle(root, store, peft_saved_keys)
+    store.share_joint()  # each adapter of an active group gets its copy of what changed while it was active
     keys = store.owned_keys(adapter_name)
     if adapter_name == store.live and getattr(store, "late", False):
         keys |= _late_fallback(store, found, adapter_name)
@@ -101,6 +102,7 @@ def extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set, pe
             tensor = place.tensor
             extra[saved] = tensor.detach() if place.is_parameter else tensor
     _warn_unsaved(store, adapter_name, found)
+    _warn_joint(store, adapter_name, extra.keys(), found)
     if SAVING.get():  # going to a file: one device-to-host copy for all of it, not one per tensor
         extra = host_copies(extra)
     return extra
@@ -125,6 +127,26 @@ def _late_fallback(store, found, adapter_name: str) -> set:
             f"tensors). Call enable() before creating the PeftModel for exact files.", PeftBuffersWarning, stacklevel=4,
         )
     return keys
+
+
+def _warn_joint(store, adapter_name: str, saved_keys, found) -> None:
+    """Say once, at the first save that carries them, which tensors changed while several adapters were active."""
+    groups: dict[tuple, list[str]] = {}
+    for key, members in store.joint_changes.items():
+        place = found.get(key) or store.places.get(key)
+        if adapter_name in members and place is not None and place.saved_key in saved_keys:
+            if ("joint", key) not in store.warned:
+                store.warned.add(("joint", key))
+                groups.setdefault(members, []).append(place.saved_key)
+    for members, names in groups.items():
+        warnings.warn(
+            f"peft_buffers: {_count(names, 'tensor')} changed while adapters {', '.join(map(repr, members))} were "
+            f"active together; they belong to each of them, and each adapter's file carries them: "
+            f"{pv.short_names(names)}.", PeftBuffersWarning, stacklevel=4)
+
+
+def _count(items, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def _warn_unsaved(store, adapter_name: str, found) -> None:
