@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ._text import plural
+
 __all__ = [
     "CommandError",
     "CorruptAdapterFile",
@@ -114,8 +116,9 @@ class IncompatibleExtraState(PeftBuffersError, ValueError):
         self.mismatches = list(mismatches)
         lines = "\n".join(str(m) for m in self.mismatches)
         super().__init__(
-            f"adapter {adapter_name!r}: {len(self.mismatches)} key(s) of extra state (running statistics or "
-            f"direct parameters) do not fit the model; nothing was loaded.\n{lines}"
+            f"adapter {adapter_name!r}: {plural(len(self.mismatches), 'key')} of extra state (running statistics "
+            f"or direct parameters) {'does' if len(self.mismatches) == 1 else 'do'} not fit the model; nothing was "
+            f"loaded.\n{lines}"
         )
 
 
@@ -155,8 +158,8 @@ class IncompatibleAdapterWeights(PeftBuffersError, RuntimeError):
         lines = "\n".join(str(m) for m in self.mismatches)
         scope = f" into {where}" if where else ""
         super().__init__(
-            f"{len(self.mismatches)} tensor(s) of the state dict being loaded{scope} do not fit the model; "
-            f"nothing was written.\n{lines}"
+            f"{plural(len(self.mismatches), 'tensor')} of the state dict being loaded{scope} "
+            f"{'does' if len(self.mismatches) == 1 else 'do'} not fit the model; nothing was written.\n{lines}"
         )
 
 

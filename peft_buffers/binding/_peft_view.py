@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from torch import nn
 
@@ -107,14 +107,15 @@ def attached_store(root: nn.Module) -> Optional[ExtraStateStore]:
 _attach_lock = threading.Lock()
 
 
-def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True, late: bool = False
+def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True, late: Union[bool, str] = False
                  ) -> ExtraStateStore:
     """Attach a store to ``root`` (once, thread-safe) and return it.
 
     The store starts with the active adapter live and takes the base values at once: a copy of every
     persistent buffer, the version of every parameter (:meth:`ExtraStateStore.capture`). ``late`` says the
-    store is attached only now, at a save: then the base values were not seen before training, and the save
-    falls back to carrying every running statistic and every trainable parameter (with a warning).
+    store is attached only now, after the model was created, and where (``"save"``, ``"load"``, ``"query"``,
+    ``"inspect"``): then the base values were not seen before training, and a save falls back to carrying every
+    running statistic and every trainable parameter (with a warning).
     """
     store = attached_store(root)
     if store is not None:

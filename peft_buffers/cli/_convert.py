@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 from packaging.version import InvalidVersion, Version
 
 from .._errors import PeftBuffersError
+from .._text import plural
 from ..binding.registry import CONFIG_METADATA_FIELDS, REGISTRY, config_fields_data, entry_for, supported_range
 
 __all__ = ["ConfigChange", "ConversionRefused", "ConvertReport", "convert"]
@@ -72,7 +73,7 @@ class ConvertReport:
 
     def __str__(self) -> str:
         head = (f"{self.source} -> PEFT {self.target_line} (fields as in {self.target_tested}): "
-                f"{len(self.configs)} adapter config(s), {len(self.dropped)} field(s) dropped")
+                f"{plural(len(self.configs), 'adapter config')}, {plural(len(self.dropped), 'field')} dropped")
         tail = f"written to {self.written}" if self.written else "nothing written (--check)"
         return "\n".join([head, *(f"  {change}" for change in self.dropped), tail])
 

@@ -88,7 +88,7 @@ def test_check_reports_and_writes_nothing(tmp_path, capsys):
     before = files(tmp_path)
     assert main(["convert", str(source), "--to-peft", "0.8", "--check"]) == 0
     assert capsys.readouterr().out == (
-        f"{source} -> PEFT 0.8 (fields as in 0.8.2): 1 adapter config(s), 3 field(s) dropped\n"
+        f"{source} -> PEFT 0.8 (fields as in 0.8.2): 1 adapter config, 3 fields dropped\n"
         "  adapter_config.json: drop lora_bias = false (the default; first in PEFT 0.14)\n"
         '  adapter_config.json: drop peft_version = "0.21.2" (metadata, no effect on the adapter)\n'
         "  adapter_config.json: drop use_dora = false (the default; first in PEFT 0.9)\n"
