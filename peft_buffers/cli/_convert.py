@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -23,6 +22,7 @@ from packaging.version import InvalidVersion, Version
 from .._errors import PeftBuffersError
 from .._text import plural
 from ..binding.registry import CONFIG_METADATA_FIELDS, REGISTRY, config_fields_data, entry_for, supported_range
+from ._common import print_error
 
 __all__ = ["ConfigChange", "ConversionRefused", "ConvertReport", "convert"]
 
@@ -236,16 +236,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SRC", type=Path, help="adapter folder written by save_pretrained")
     parser.add_argument("--to-peft", required=True, metavar="VERSION",
                         help=f"PEFT release that must load it (a registry line: {lines}, e.g. 0.13 or 0.13.2)")
+    # One of the two, never both: the usage line shows (--out DST | --check), and each help says so.
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--out", metavar="DST", type=Path, help="new folder to write the converted copy to")
-    action.add_argument("--check", action="store_true", help="only report what would change; write nothing")
+    action.add_argument("--out", metavar="DST", type=Path,
+                        help="new folder to write the converted copy to (or --check, not both)")
+    action.add_argument("--check", action="store_true",
+                        help="only report what would change; write nothing (instead of --out)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         report = convert(args.source, args.to_peft, out=args.out, check=args.check)
     except (ConversionRefused, ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error("convert", str(error))
         return 1
     print(report)
     return 0

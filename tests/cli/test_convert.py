@@ -110,7 +110,9 @@ def test_a_non_default_value_is_refused_naming_field_value_and_release(tmp_path,
     )
     assert not (tmp_path / "out").exists()
     assert main(["convert", str(source), "--to-peft", "0.6", "--out", str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err.startswith("error: cannot convert for PEFT 0.6 without changing the adapter")
+    assert capsys.readouterr().err.startswith(
+        "python -m peft_buffers convert: error: cannot convert for PEFT 0.6 without changing the adapter "
+        "(2 problems):\n")
     assert not (tmp_path / "out").exists()
 
 
