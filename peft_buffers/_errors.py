@@ -9,6 +9,7 @@ from ._text import plural
 
 __all__ = [
     "CommandError",
+    "ConversionRefused",
     "CorruptAdapterFile",
     "ExtraStateMismatch",
     "IncompatibleAdapterWeights",
@@ -180,3 +181,21 @@ class RollbackFailed(PeftBuffersError, RuntimeError):
             f"{describe or 'a load'} failed ({type(original).__name__}: {original}) and rolling the model back "
             f"failed as well: the model may be partly changed. Rebuild it (or reload the base model) before use."
         )
+
+
+class ConversionRefused(PeftBuffersError, ValueError):
+    """``convert`` cannot make an adapter folder loadable by a PEFT release without changing the adapter.
+
+    ``problems`` lists each reason (one line each: the file, the field, its value, what the release supports).
+
+    Example:
+        >>> str(ConversionRefused("0.6", ["a/adapter_config.json: field use_dora = true ..."])).splitlines()[0]
+        'cannot convert for PEFT 0.6 without changing the adapter (1 problem):'
+    """
+
+    def __init__(self, target: str, problems: list[str]):
+        self.target = target
+        self.problems = list(problems)
+        listed = "\n".join(f"- {problem}" for problem in self.problems)
+        super().__init__(f"cannot convert for PEFT {target} without changing the adapter "
+                         f"({plural(len(self.problems), 'problem')}):\n{listed}")

@@ -173,3 +173,42 @@ def test_relative_links_resolve(document):
         elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked.read_text("utf-8")):
             dead.append(f"{target}: no heading with anchor #{anchor} in {linked.relative_to(ROOT)}")
     assert not dead, f"{document.relative_to(ROOT)} has dead links:\n" + "\n".join(dead)
+
+
+def _exception_classes() -> dict[str, type]:
+    """Every exception and warning class peft_buffers defines, by name."""
+    import importlib
+    import pkgutil
+
+    import peft_buffers
+
+    found = {}
+    for module in pkgutil.walk_packages(peft_buffers.__path__, "peft_buffers."):
+        if module.name.endswith("__main__"):
+            continue
+        for name, value in vars(importlib.import_module(module.name)).items():
+            if isinstance(value, type) and issubclass(value, BaseException) and value.__module__.startswith(
+                    "peft_buffers"):
+                found[name] = value
+    return found
+
+
+def test_every_exception_and_warning_the_docs_name_is_public():
+    # A user catches what the README names: `except peft_buffers.CorruptAdapterFile`, `from peft_buffers import ...`.
+    import peft_buffers
+
+    classes = _exception_classes()
+    named, missing = set(), []
+    for document in DOCUMENTS:
+        text = document.read_text("utf-8")
+        for name in re.findall(r"`(?:peft_buffers\.)?([A-Z]\w+)`", text) + re.findall(r"\bpeft_buffers\.(\w+)\b(?!\.)",
+                                                                                      text):
+            if name in classes or name[:1].isupper():
+                named.add(name)
+            if name in classes and (name not in peft_buffers.__all__ or getattr(peft_buffers, name) is not
+                                    classes[name]):
+                missing.append(f"{document.relative_to(ROOT)}: {name}")
+            elif name[:1].islower() and not hasattr(peft_buffers, name):
+                missing.append(f"{document.relative_to(ROOT)}: peft_buffers.{name}")
+    assert {"CorruptAdapterFile", "IncompatibleAdapterWeights", "UnsupportedPeftVersion"} <= named
+    assert not missing, "named in the docs but not importable from peft_buffers:\n" + "\n".join(sorted(set(missing)))

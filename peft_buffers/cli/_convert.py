@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 from packaging.version import InvalidVersion, Version
 
-from .._errors import PeftBuffersError
+from .._errors import ConversionRefused
 from .._text import plural
 from ..binding.registry import CONFIG_METADATA_FIELDS, REGISTRY, config_fields_data, entry_for, supported_range
 from ._common import print_error
@@ -27,24 +27,6 @@ from ._common import print_error
 __all__ = ["ConfigChange", "ConversionRefused", "ConvertReport", "convert"]
 
 CONFIG_NAME = "adapter_config.json"
-
-
-class ConversionRefused(PeftBuffersError, ValueError):
-    """The adapter folder cannot be made loadable by the requested PEFT release without changing the adapter.
-
-    ``problems`` lists each reason (one line each: the file, the field, its value, what the release supports).
-
-    Example:
-        >>> str(ConversionRefused("0.6", ["a/adapter_config.json: field use_dora = true ..."])).splitlines()[0]
-        'cannot convert for PEFT 0.6 without changing the adapter (1 problem):'
-    """
-
-    def __init__(self, target: str, problems: list[str]):
-        self.target = target
-        self.problems = list(problems)
-        listed = "\n".join(f"- {problem}" for problem in self.problems)
-        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
-        super().__init__(f"cannot convert for PEFT {target} without changing the adapter ({count}):\n{listed}")
 
 
 @dataclass(frozen=True)
