@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 from peft import get_peft_model
 from safetensors.torch import save_file
 
 import peft_buffers
 from peft_buffers.cli import COMMANDS, main
 from tests.zoo import ZOO, train, tuner_config, unfreeze_embeddings
+
+from .._compat import PEFT_VERSION
 
 PROG = "python -m peft_buffers"
 
@@ -238,3 +241,28 @@ def test_convert_help_and_parser_agree_that_out_and_check_exclude_each_other(tmp
     assert exit_status(["convert", str(tmp_path), "--to-peft", "0.13", "--check", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.endswith(
         f"{PROG} convert: error: argument --out: not allowed with argument --check\n")
+
+
+@pytest.mark.skipif(PEFT_VERSION < Version("0.22.0"), reason="the transcript shows files of the newest PEFT line")
+def test_the_inspect_transcript_in_docs_is_current(tmp_path, monkeypatch, capsys):
+    peft_buffers.enable()
+    try:
+        spec = ZOO["vit"]
+        model = get_peft_model(spec.make(), tuner_config("lora", spec))
+        unfreeze_embeddings(model)
+        train(model, spec, steps=1)
+        model.save_pretrained(tmp_path / "vit_adapter")
+        spec = ZOO["mixed_norms"]
+        model = get_peft_model(spec.make(), tuner_config("lora", spec))
+        train(model, spec, steps=1)
+        model.save_pretrained(tmp_path / "norms_adapter")
+    finally:
+        peft_buffers.disable()
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "vit_adapter", "norms_adapter"]) == 0
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
+    transcript = docs.split(f"$ {PROG} inspect vit_adapter norms_adapter\n", 1)[1].split("```", 1)[0]
+    assert transcript == capsys.readouterr().out
+    assert main(["inspect", "vit_adapter/adapter_config.json"]) == 1
+    shown = docs.split(f"$ {PROG} inspect vit_adapter/adapter_config.json\n", 1)[1].split("```", 1)[0]
+    assert shown == capsys.readouterr().err
