@@ -24,8 +24,9 @@ import torch
 from packaging.version import Version
 
 from .._errors import PeftBuffersWarning
-from ..core import LoadPlan, TensorPlace, atomic, plan_load, raise_for_mismatches
+from ..core import LoadPlan, TensorPlace, plan_load, raise_for_mismatches
 from . import _peft_view as pv
+from ._load import load_transaction
 from ._targets import resolve_target
 from .registry import AdapterHook, TransformersEntry, transformers_entry_for
 
@@ -183,7 +184,7 @@ def _make_hook(kind: str, original: Callable, peft_saved_keys: Callable, is_enab
             arguments = _arguments(signature, self, args, kwargs)
             _check_before_loading(self, arguments)
             describe = f"adapter {arguments.get('adapter_name')!r} from {arguments.get('peft_model_id')}"
-            with atomic(self, describe=describe):
+            with load_transaction(self, describe):
                 return original(self, *args, **kwargs)
 
         return load_adapter
@@ -265,7 +266,7 @@ def _make_load(original: Callable, peft_saved_keys: Callable, is_enabled: Callab
         check, incoming = _check_before_loading(self, arguments)
         if not check.extra:
             return original(self, *args, **kwargs)  # a stock PEFT file: exactly transformers' behaviour
-        with atomic(self, describe=f"adapter {adapter_name!r} from {arguments.get('peft_model_id')}"):
+        with load_transaction(self, f"adapter {adapter_name!r} from {arguments.get('peft_model_id')}"):
             return _load_keeping_extra_state(self, original, args, kwargs, arguments, adapter_name, check, incoming,
                                              peft_saved_keys, is_enabled)
 

@@ -23,20 +23,21 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable, Dict, Iterable, Mapping, Optional
+from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
 from ._state import BASE, BaseTensors, ModelView, TensorPlace
 
-__all__ = ["ExtraStateStore", "install_optimizer_hook", "remove_optimizer_hook", "same_bytes"]
+__all__ = ["ExtraStateStore", "host_copies", "install_optimizer_hook", "remove_optimizer_hook", "same_bytes"]
 
 
 def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
     """For each ``(a, b)``: True when both hold exactly the same bits (NaN == NaN; shape and dtype must match).
 
-    On the CPU each pair is compared directly; on an accelerator all pairs of one device are compared with
-    one concatenation and one host sync, not one sync per tensor.
+    All pairs of one device are compared at once: one concatenation of each side and one host sync, not one
+    comparison (and, on an accelerator, one sync) per tensor. On the CPU a single ``torch.equal`` settles the
+    common case where nothing differs; only then are the pairs told apart.
 
     Example:
         >>> same_bytes([(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("nan")])),
@@ -50,16 +51,18 @@ def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
             continue
         if a.numel() == 0:
             result[i] = True
-        elif a.device.type == "cpu":
-            result[i] = bool(torch.equal(_as_bytes(a), _as_bytes(b)))
         else:
             groups.setdefault(a.device, []).append(i)
     for device, indices in groups.items():
         lefts = [_as_bytes(pairs[i][0]) for i in indices]
+        left, right = torch.cat(lefts), torch.cat([_as_bytes(pairs[i][1]) for i in indices])
+        if device.type == "cpu" and torch.equal(left, right):
+            for i in indices:
+                result[i] = True
+            continue
         sizes = tuple(t.numel() for t in lefts)
-        differs = (torch.cat(lefts) != torch.cat([_as_bytes(pairs[i][1]) for i in indices])).to(torch.int32)
         counts = torch.zeros(len(indices), dtype=torch.int32, device=device)
-        counts.index_add_(0, _segment_ids(device, sizes), differs)
+        counts.index_add_(0, _segment_ids(device, sizes), (left != right).to(torch.int32))
         for i, n in zip(indices, counts.tolist()):
             result[i] = n == 0
     return result
@@ -124,9 +127,14 @@ class ExtraStateStore:
 
     # -- capture
     def capture(self, found: BaseTensors) -> None:
-        """Take the base values: a copy of every buffer, the version of every parameter (at attach)."""
+        """Take the base values: a copy of every buffer, the version of every parameter (at attach).
+
+        The buffers are copied with one concatenation per device and dtype and kept there (:class:`_Slot`):
+        no tensor object per buffer until one is asked for, and :meth:`settle` compares a whole group at once.
+        """
         with self._lock:
-            self.reference.update(_copies({k: p.tensor for k, p in found.buffers.items() if k not in self.reference}))
+            self.reference.update(_flat_copies({k: p.tensor for k, p in found.buffers.items()
+                                                if k not in self.reference}))
             for key, place in found.parameters.items():
                 tensor = place.tensor
                 self.versions.setdefault(key, (id(tensor), tensor._version))
@@ -154,6 +162,14 @@ class ExtraStateStore:
     def owned_keys(self, owner: Optional[str]) -> set[str]:
         return set(self.owned.get(owner, ()))
 
+    def base_value(self, key: str) -> Optional[torch.Tensor]:
+        """The base value of ``key`` peft_buffers knows (a copy taken at attach or before the first optimizer
+        step), or None when none was taken (a parameter never stepped: its live value is its base value)."""
+        ref = self.reference.get(key)
+        if type(ref) is _Slot:
+            ref = self.reference[key] = ref.tensor()
+        return ref
+
     # -- finding changes
     def settle(self, found: BaseTensors, peft_keys: Callable[[Mapping[str, torch.Tensor]], set] = lambda c: set()):
         """Attribute every tensor that changed since the base values were taken to the live owner.
@@ -166,6 +182,7 @@ class ExtraStateStore:
             own = self.owned.get(live, set()) if live is not BASE else set()
             changed: dict[str, TensorPlace] = {}
             pairs, keys = [], []
+            groups: dict[int, list] = {}  # id(flat) -> [(key, place, slot)]: compared a group at a time
             for table in (found.buffers, found.parameters):
                 for key, place in table.items():
                     if key in own:
@@ -178,10 +195,17 @@ class ExtraStateStore:
                             changed[key] = place
                         continue
                     live_tensor = place.tensor.detach()
+                    if type(ref) is _Slot and ref.fits(live_tensor):
+                        groups.setdefault(id(ref.flat), []).append((key, place, ref))
+                        continue
+                    ref = self.base_value(key)
                     if ref.dtype != live_tensor.dtype or ref.device != live_tensor.device:
                         ref = self._recast_reference(key, live_tensor)
                     pairs.append((live_tensor, ref))
                     keys.append((key, place))
+            for members in groups.values():
+                for key, place in _changed_in_group(members):
+                    changed[key] = place
             for (key, place), same in zip(keys, same_bytes(pairs)):
                 if not same:
                     changed[key] = place
@@ -210,7 +234,7 @@ class ExtraStateStore:
 
     def _recast_reference(self, key: str, live: torch.Tensor) -> torch.Tensor:
         # The model was cast or moved after the base values were taken: compare in the new dtype and device.
-        ref = self.reference[key].to(device=live.device, dtype=live.dtype)
+        ref = self.base_value(key).to(device=live.device, dtype=live.dtype)
         self.reference[key] = ref
         return ref
 
@@ -231,7 +255,7 @@ class ExtraStateStore:
                 self.places.setdefault(key, place)
                 if key in owned:
                     continue
-                ref = self.reference.get(key)
+                ref = self.base_value(key)
                 if ref is None:  # changed in place outside an optimizer before its base value was known
                     self.unknown_base.add(key)
                     ref = place.tensor.detach()
@@ -331,22 +355,84 @@ class ExtraStateStore:
         return clone
 
 
-def _copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Independent copies of ``tensors``: one concatenation per device and dtype (not one copy kernel each),
-    returned as views into it."""
+class _Slot:
+    """A base value kept inside a flat copy of many (see :func:`_flat_copies`): no tensor object until asked."""
+
+    __slots__ = ("flat", "offset", "numel", "shape")
+
+    def __init__(self, flat: torch.Tensor, offset: int, numel: int, shape: torch.Size):
+        self.flat, self.offset, self.numel, self.shape = flat, offset, numel, shape
+
+    def tensor(self) -> torch.Tensor:
+        return self.flat.narrow(0, self.offset, self.numel).view(self.shape)
+
+    def fits(self, live: torch.Tensor) -> bool:
+        flat = self.flat
+        return live.dtype == flat.dtype and live.device == flat.device and live.shape == self.shape
+
+    def __deepcopy__(self, memo: dict) -> _Slot:  # a deep-copied store gets its own flat copy, shared by its slots
+        import copy
+
+        return _Slot(copy.deepcopy(self.flat, memo), self.offset, self.numel, self.shape)
+
+
+def _flat_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, Union[torch.Tensor, _Slot]]:
+    """Copies of ``tensors``: one concatenation per device and dtype, a :class:`_Slot` into it per tensor."""
     groups: Dict[tuple, list[str]] = {}
     for key, tensor in tensors.items():
         groups.setdefault((tensor.device, tensor.dtype), []).append(key)
-    copies: dict[str, torch.Tensor] = {}
+    copies: dict[str, Union[torch.Tensor, _Slot]] = {}
     for keys in groups.values():
         parts = [tensors[k].detach() for k in keys]
         if len(parts) == 1:
             copies[keys[0]] = parts[0].clone()
             continue
         flat = torch.cat([t.reshape(-1) for t in parts])
-        for key, part, piece in zip(keys, parts, flat.split([t.numel() for t in parts])):
-            copies[key] = piece.view(part.shape)
+        offset = 0
+        for key, part in zip(keys, parts):
+            numel = part.numel()
+            copies[key] = _Slot(flat, offset, numel, part.shape)
+            offset += numel
     return copies
+
+
+def _changed_in_group(members: list) -> list:
+    """``(key, place)`` of the members whose live value differs from its slot; all slots of one flat copy.
+
+    When the members are the whole flat copy, in order, the live values are concatenated and compared with it
+    in one go; otherwise each member is compared with its slot.
+    """
+    flat = members[0][2].flat
+    whole = members[0][2].offset == 0 and sum(slot.numel for _, _, slot in members) == flat.numel()
+    if whole and all(a[2].offset + a[2].numel == b[2].offset for a, b in zip(members, members[1:])):
+        live = torch.cat([place.tensor.detach().reshape(-1) for _, place, _ in members])
+        if torch.equal(_as_bytes(live), _as_bytes(flat)):
+            return []
+    pairs = [(place.tensor.detach(), slot.tensor()) for _, place, slot in members]
+    return [(key, place) for (key, place, _), same in zip(members, same_bytes(pairs)) if not same]
+
+
+def host_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every accelerator tensor copied to the CPU: one device-to-host copy per device and dtype
+    (a concatenation), not one transfer and sync per tensor; CPU tensors are passed through. Each result owns
+    its storage.
+
+    Example:
+        >>> out = host_copies({"a": torch.ones(2), "b": torch.zeros(1, 3)})
+        >>> {k: tuple(v.shape) for k, v in out.items()}
+        {'a': (2,), 'b': (1, 3)}
+    """
+    result = dict(tensors)
+    groups: Dict[tuple, list[str]] = {}
+    for key, tensor in tensors.items():
+        if tensor.device.type != "cpu":
+            groups.setdefault((tensor.device, tensor.dtype), []).append(key)
+    for keys in groups.values():
+        parts = [tensors[k].detach() for k in keys]
+        flat = torch.cat([t.reshape(-1) for t in parts]).cpu()
+        for key, part, piece in zip(keys, parts, flat.split([t.numel() for t in parts])):
+            result[key] = piece.view(part.shape).clone()
+    return result
 
 
 def _copy_nested(value):
