@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ._state import BASE, BaseTensors, ModelView, TensorPlace
+from ._state import BASE, BaseTensors, ModelView, TensorPlace, find_base_tensors
 
 __all__ = ["ExtraStateStore", "host_copies", "install_optimizer_hook", "remove_optimizer_hook", "same_bytes"]
 
@@ -122,7 +122,12 @@ class ExtraStateStore:
         self.unattributed: Dict[str, str] = {}  # key -> why no adapter could own its change
         self.unknown_base: set[str] = set()  # parameters claimed before their base value was known
         self.warned: set[str] = set()
-        self.disabled_depth = 0
+        self.disabled_depth = 0  # open disable contexts: the base model's values are live inside them
+        self.layers_disabled = False  # the adapter layers were switched off (the method form of disabling)
+        self.unloaded = False  # the adapters were removed from the model: the base model's values stay live
+        self.joint: tuple[str, ...] = ()  # other owners active together with ``live`` (their state is not live)
+        self.joint_changes: Dict[str, tuple[str, ...]] = {}  # key -> every owner active when it changed
+        self._unshared: set[str] = set()  # joint changes not yet copied to the other owners of the group
         self._lock = threading.RLock()
 
     # -- capture
@@ -137,7 +142,7 @@ class ExtraStateStore:
                                                 if k not in self.reference}))
             for key, place in found.parameters.items():
                 tensor = place.tensor
-                self.versions.setdefault(key, (id(tensor), tensor._version))
+                self.versions.setdefault(key, _version_of(tensor))
             _index_parameters(self, found.parameters)
 
     def capture_parameter(self, key: str, param: torch.Tensor) -> None:
@@ -178,6 +183,8 @@ class ExtraStateStore:
         and returns the keys PEFT saves itself (those are PEFT's, not extra state). Returns the keys claimed.
         """
         with self._lock:
+            if getattr(self, "_adopt_pending", False):
+                self._adopt(found)
             live = self.live
             own = self.owned.get(live, set()) if live is not BASE else set()
             changed: dict[str, TensorPlace] = {}
@@ -222,13 +229,16 @@ class ExtraStateStore:
             return set(changed)
 
     def _version_changed(self, key: str, tensor: torch.Tensor) -> bool:
+        """Whether a parameter without a known base value was changed in place since last seen (its version
+        counter moved). Only a trainable parameter counts: a frozen one whose counter moves is being re-bound
+        or re-registered by a library (a parametrization's ``set_``, a quantizer), not trained."""
         seen = self.versions.get(key)
-        now = (id(tensor), tensor._version)
+        now = _version_of(tensor)
         if seen is None or seen == now:
             self.versions[key] = now
             return False
-        if seen[0] != id(tensor) and not tensor.requires_grad:
-            self.versions[key] = now  # replaced, not trained (quantized, sharded or re-created): a new baseline
+        if not tensor.requires_grad or now[1] is None:
+            self.versions[key] = now  # replaced or re-bound, not trained (or an inference tensor: no counter)
             return False
         return True
 
@@ -242,7 +252,7 @@ class ExtraStateStore:
         tensor = place.tensor
         if key in self.reference:
             self.reference[key] = tensor.detach().clone()
-        self.versions[key] = (id(tensor), tensor._version)
+        self.versions[key] = _version_of(tensor)
 
     # -- changes
     def claim(self, places: Mapping[str, TensorPlace], trainable: bool = True) -> None:
@@ -251,6 +261,10 @@ class ExtraStateStore:
             return
         with self._lock:
             owned = self.owned.setdefault(self.live, set())
+            if self.joint:  # several owners were active: the change belongs to each of them
+                for key in places:
+                    self.joint_changes[key] = (self.live, *self.joint)
+                self._unshared.update(places)
             for key, place in places.items():
                 self.places.setdefault(key, place)
                 if key in owned:
@@ -289,6 +303,57 @@ class ExtraStateStore:
                 if place.is_parameter:
                     live.requires_grad_(trainable)
 
+    def share_joint(self) -> None:
+        """Give each owner of the active group its own copy of what changed while the group was active.
+
+        The live tensors hold the first owner's values; the others get copies, so each carries the joint
+        change from now on (in its file, and once it is live on its own).
+        """
+        with self._lock:
+            if not self._unshared or not self.joint:
+                self._unshared.clear()
+                return
+            live_owner = self.live
+            for key in sorted(self._unshared):
+                place = self.places[key]
+                value = place.tensor.detach()
+                trainable = self.trainable.get(live_owner, {}).get(key, False)
+                for member in self.joint:
+                    self.owned.setdefault(member, set()).add(key)
+                    self.stored.setdefault(member, {})[key] = value.clone()
+                    if place.is_parameter:
+                        self.trainable.setdefault(member, {})[key] = trainable
+            self._unshared.clear()
+
+    def replace_values(self, owner: str, values: Mapping[str, tuple[TensorPlace, torch.Tensor]]) -> None:
+        """Make ``values`` all of ``owner``'s own values, written into the tensors that hold them now (no new
+        tensor where one exists: a compiled model keeps its graph). Keys ``owner`` owned that ``values`` lacks go
+        back to the base model's value.
+        """
+        with self._lock:
+            owned = self.owned.setdefault(owner, set())
+            stored = self.stored.setdefault(owner, {})
+            live = owner == self.live
+            for key in sorted(owned - set(values)):
+                owned.discard(key)
+                if live:
+                    self.places[key].tensor.data.copy_(self.stored[BASE].pop(key))
+                else:
+                    stored.pop(key, None)
+            with torch.no_grad():
+                for key, (place, value) in values.items():
+                    self.places.setdefault(key, place)
+                    if live:
+                        tensor = place.tensor
+                        if key not in owned:  # the live value is the base model's: keep it
+                            self.stored[BASE][key] = tensor.detach().clone()
+                        tensor.copy_(value)
+                    elif key in stored:
+                        stored[key].copy_(value)
+                    else:
+                        stored[key] = value.clone()
+                    owned.add(key)
+
     def switch(self, target: Optional[str]) -> None:
         """Make ``target``'s values live (``BASE`` for the base model's own), swapping storage in place."""
         if target == self.live:
@@ -303,7 +368,7 @@ class ExtraStateStore:
                 live.data = self.stored[new].pop(key)
                 if place.is_parameter:
                     live.requires_grad_(self.trainable.get(new, {}).get(key, False))
-                    self.versions[key] = (id(live), live._version)
+                    self.versions[key] = _version_of(live)
             self.live = target
 
     def forget(self, owner: str) -> None:
@@ -314,6 +379,7 @@ class ExtraStateStore:
             self.owned.pop(owner, None)
             self.stored.pop(owner, None)
             self.trainable.pop(owner, None)
+            self.joint = tuple(name for name in self.joint if name != owner)
 
     # -- atomic loads (see _transaction.py): everything a failed load may have changed, put back
     def __peft_buffers_snapshot__(self) -> Callable[[], None]:
@@ -343,8 +409,12 @@ class ExtraStateStore:
         return state
 
     def __setstate__(self, state: dict) -> None:
+        defaults = ExtraStateStore.__new__(ExtraStateStore)
+        ExtraStateStore.__init__(defaults)  # attributes a store pickled by an older release lacks
+        vars(self).update({k: v for k, v in vars(defaults).items() if k != "_lock"})
         vars(self).update(state)
         self._lock = threading.RLock()
+        self._adopt_pending = True  # unpickled: the parameters are new tensors (see _adopt)
 
     def __deepcopy__(self, memo: dict) -> ExtraStateStore:
         import copy
@@ -352,7 +422,29 @@ class ExtraStateStore:
         clone = ExtraStateStore.__new__(ExtraStateStore)
         memo[id(self)] = clone
         clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        if clone.view is not None:  # the copied base model is complete by now (it comes before the store)
+            clone._adopt(find_base_tensors(clone.view))
         return clone
+
+    def _adopt(self, found: BaseTensors) -> None:
+        """Take a copied model's parameters as this store's: their versions as the baseline, each indexed for
+        the optimizer hook, and the value of every trainable parameter whose base value was not taken yet (it
+        was never stepped, so its value now is its base value; an EMA copy updated in place is then compared
+        with it like any other change)."""
+        with self._lock:
+            own = self.owned.get(self.live, ())
+            for key, place in found.parameters.items():
+                tensor = place.tensor
+                self.versions[key] = _version_of(tensor)
+                if tensor.requires_grad and key not in self.reference and key not in own:
+                    self.reference[key] = tensor.detach().clone()
+            _index_parameters(self, found.parameters)
+            self._adopt_pending = False
+
+
+def _version_of(tensor: torch.Tensor) -> tuple[int, Optional[int]]:
+    """``(id, version counter)``; an inference tensor has no counter (None)."""
+    return id(tensor), (None if tensor.is_inference() else tensor._version)
 
 
 class _Slot:
