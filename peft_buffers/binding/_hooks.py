@@ -19,6 +19,7 @@ from typing import Callable
 from torch import nn
 
 from .._errors import PeftBuffersWarning
+from .._text import first_names
 from ..core import BASE
 from . import _current
 from . import _peft_view as pv
@@ -141,7 +142,7 @@ def _combine(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -
         carried = {name: store.owned_keys(name) for name in arguments.get("adapters") or ()}
         carried = {name: keys for name, keys in carried.items() if keys}
         if carried:
-            details = "; ".join(f"{name!r}: {pv.short_names(keys)}" for name, keys in carried.items())
+            details = "; ".join(f"{name!r}: {first_names(sorted(keys))}" for name, keys in carried.items())
             warnings.warn(
                 f"peft_buffers: add_weighted_adapter combines the adapters' weights only: the new adapter "
                 f"{arguments.get('adapter_name')!r} carries no extra state and computes with the base model's "

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from torch import nn
 
 from .._errors import PeftBuffersWarning
+from .._text import first_names
 from ..core import BASE, BaseTensors, ExtraStateStore, ModelView, Transaction, active_transaction, find_base_tensors
 
 __all__ = ["active_adapter", "active_adapters", "attach_walk", "attached_store", "covering_transaction",
-           "ensure_store", "model_view", "settle", "short_names", "structure_changed", "sync", "wraps_for"]
+           "ensure_store", "model_view", "settle", "structure_changed", "sync", "wraps_for"]
 
 _STORE_ATTR = "_peft_buffers_store"
 
@@ -135,14 +136,15 @@ def attached_store(root: nn.Module) -> Optional[ExtraStateStore]:
 _attach_lock = threading.Lock()
 
 
-def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True, late: bool = False
+def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True, late: Union[bool, str] = False
                  ) -> ExtraStateStore:
     """Attach a store to ``root`` (once, thread-safe) and return it.
 
     The store starts with the active adapter live and takes the base values at once: a copy of every
     persistent buffer, the version of every parameter (:meth:`ExtraStateStore.capture`). ``late`` says the
-    store is attached only now, at a save: then the base values were not seen before training, and the save
-    falls back to carrying every running statistic and every trainable parameter (with a warning).
+    store is attached only now, after the model was created, and where (``"save"``, ``"load"``, ``"query"``,
+    ``"inspect"``): then the base values were not seen before training, and a save falls back to carrying every
+    running statistic and every trainable parameter (with a warning).
     """
     store = attached_store(root)
     if store is not None:
@@ -255,24 +257,12 @@ def _warn_group(store: ExtraStateStore) -> None:
                 hidden.setdefault(member, []).append(key)
     if not hidden:
         return
-    details = "; ".join(f"adapter {name!r}: {short_names(keys)}" for name, keys in hidden.items())
+    details = "; ".join(f"adapter {name!r}: {first_names(sorted(keys))}" for name, keys in hidden.items())
     warnings.warn(
         f"peft_buffers: adapters {', '.join(map(repr, members))} are active together, and only {store.live!r}'s "
         f"extra state is live; the others' own values are not used while the group is active ({details}). "
         f"What training changes now is saved with each of them.",
         PeftBuffersWarning, stacklevel=4)
-
-
-def short_names(keys, shown: int = 5) -> str:
-    """The first ``shown`` of ``keys`` (sorted), then how many more.
-
-    Example:
-        >>> short_names(["c", "a", "b"], shown=2)
-        'a, b (and 1 more)'
-    """
-    keys = sorted(keys)
-    text = ", ".join(keys[:shown])
-    return text + (f" (and {len(keys) - shown} more)" if len(keys) > shown else "")
 
 
 def wraps_for(adapter_name: Optional[str]) -> Callable[[nn.Module], bool]:
