@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from ._errors import (  # noqa: E402
     BaseMismatch,
     BaseMismatchWarning,
+    ConversionRefused,
     CorruptAdapterFile,
     ExtraStateMismatch,
     IncompatibleAdapterWeights,
@@ -29,6 +30,7 @@ __all__ = [
     "AuditReport",
     "BaseMismatch",
     "BaseMismatchWarning",
+    "ConversionRefused",
     "CorruptAdapterFile",
     "ExtraStateMismatch",
     "IncompatibleAdapterWeights",

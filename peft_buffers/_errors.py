@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ._text import plural
+
 __all__ = [
     "BaseMismatch",
     "BaseMismatchWarning",
     "CommandError",
+    "ConversionRefused",
     "CorruptAdapterFile",
     "ExtraStateMismatch",
     "IncompatibleAdapterWeights",
@@ -166,8 +169,9 @@ class IncompatibleExtraState(PeftBuffersError, ValueError):
         self.mismatches = list(mismatches)
         lines = "\n".join(str(m) for m in self.mismatches)
         super().__init__(
-            f"adapter {adapter_name!r}: {len(self.mismatches)} key(s) of extra state (running statistics or "
-            f"direct parameters) do not fit the model; nothing was loaded.\n{lines}"
+            f"adapter {adapter_name!r}: {plural(len(self.mismatches), 'key')} of extra state (running statistics "
+            f"or direct parameters) {'does' if len(self.mismatches) == 1 else 'do'} not fit the model; nothing was "
+            f"loaded.\n{lines}"
         )
 
 
@@ -207,8 +211,8 @@ class IncompatibleAdapterWeights(PeftBuffersError, RuntimeError):
         lines = "\n".join(str(m) for m in self.mismatches)
         scope = f" into {where}" if where else ""
         super().__init__(
-            f"{len(self.mismatches)} tensor(s) of the state dict being loaded{scope} do not fit the model; "
-            f"nothing was written.\n{lines}"
+            f"{plural(len(self.mismatches), 'tensor')} of the state dict being loaded{scope} "
+            f"{'does' if len(self.mismatches) == 1 else 'do'} not fit the model; nothing was written.\n{lines}"
         )
 
 
@@ -229,3 +233,21 @@ class RollbackFailed(PeftBuffersError, RuntimeError):
             f"{describe or 'a load'} failed ({type(original).__name__}: {original}) and rolling the model back "
             f"failed as well: the model may be partly changed. Rebuild it (or reload the base model) before use."
         )
+
+
+class ConversionRefused(PeftBuffersError, ValueError):
+    """``convert`` cannot make an adapter folder loadable by a PEFT release without changing the adapter.
+
+    ``problems`` lists each reason (one line each: the file, the field, its value, what the release supports).
+
+    Example:
+        >>> str(ConversionRefused("0.6", ["a/adapter_config.json: field use_dora = true ..."])).splitlines()[0]
+        'cannot convert for PEFT 0.6 without changing the adapter (1 problem):'
+    """
+
+    def __init__(self, target: str, problems: list[str]):
+        self.target = target
+        self.problems = list(problems)
+        listed = "\n".join(f"- {problem}" for problem in self.problems)
+        super().__init__(f"cannot convert for PEFT {target} without changing the adapter "
+                         f"({plural(len(self.problems), 'problem')}):\n{listed}")
