@@ -23,6 +23,7 @@ from torch import nn
 from ..core import (
     BASE,
     BaseIdentity,
+    TensorPlace,
     TensorRecord,
     find_base_tensors,
     find_weights_file,
@@ -68,14 +69,19 @@ class _Base:
         self.found = find_base_tensors(self.view)
         self.store = pv.attached_store(root)
         self.prefix = self.view.base_prefix
+        places = self.store.places.items() if self.store is not None else ()
+        self._store_keys = {(id(p.module), p.name): key for key, p in places}
 
     def name(self, key: str) -> str:
         return key[len(self.prefix):] if key.startswith(self.prefix) else key
 
-    def value(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        store = self.store
+    def value(self, key: str, place: TensorPlace) -> torch.Tensor:
+        store, tensor = self.store, place.tensor
         if store is None:
             return tensor
+        # The store may know the tensor under the name a file gave it (``mid.base_layer.weight`` for ``mid.weight``
+        # when the saving model had the wrapper): look it up by where it lives.
+        key = self._store_keys.get((id(place.module), place.name), key)
         if store.source(store.live, key) is not BASE:  # the live adapter owns it: the base value is kept aside
             kept = store.stored.get(BASE, {}).get(key)
             if kept is not None:
@@ -143,7 +149,7 @@ def live_identity(root: nn.Module, compare_with: Optional[BaseIdentity] = None, 
     wanted: dict[str, torch.Tensor] = {}
     for key, place in base.found.ordered.items():
         name = base.name(key)
-        value = base.value(key, place.tensor)
+        value = base.value(key, place)
         dtype, shape = saved_layout_dtype_and_shape(value)
         record = (_dtype_name(dtype), shape, quantized_label(place.tensor))
         records[name] = record
