@@ -396,3 +396,15 @@ def test_a_quantized_model_that_ran_on_the_cpu_is_checked_in_its_saved_layout(en
 def test_a_record_can_be_copied_with_the_folder(saved):
     shutil.copytree(saved, saved.parent / "copy")
     assert load_lines(make_base(), saved.parent / "copy") == []
+
+
+def test_hotswap_checks_the_base_it_swaps_onto(saved):
+    pytest.importorskip("peft.utils.hotswap", reason="peft.utils.hotswap is new in PEFT 0.14")
+    from peft.utils.hotswap import hotswap_adapter
+
+    model = PeftModel.from_pretrained(make_base(), saved).eval()
+    hotswap_adapter(model, str(saved), adapter_name="default")  # the same base: silent
+    with torch.no_grad():
+        model.get_base_model().head.weight[0, 1] += 1.0
+    with pytest.warns(BaseMismatchWarning, match=r"1 of 6 tensors differ in value, e\.g\. head\.weight"):
+        hotswap_adapter(model, str(saved), adapter_name="default")
