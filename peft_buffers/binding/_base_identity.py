@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import weakref
 from pathlib import Path
-from typing import Collection, Mapping, Optional
+from typing import Callable, Collection, Mapping, Optional
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from ..core import (
     TensorRecord,
     find_base_tensors,
     find_weights_file,
-    fingerprints,
+    start_fingerprints,
     write_sidecar,
 )
 from . import _peft_view as pv
@@ -103,9 +103,10 @@ def _validity(tensor: torch.Tensor) -> tuple:
             bool(getattr(state, "packing_format_for_cpu", False)))
 
 
-def _fingerprints(base_module: nn.Module, wanted: Mapping[str, torch.Tensor]) -> dict[str, Optional[int]]:
-    """Fingerprints of ``wanted`` (name in the base model -> base value, read in its saved layout), reusing
-    those kept for ``base_module``."""
+def _start_fingerprints(base_module: nn.Module, wanted: Mapping[str, torch.Tensor]
+                        ) -> Callable[[], dict[str, Optional[int]]]:
+    """Start the fingerprints of ``wanted`` (name in the base model -> base value, read in its saved layout),
+    reusing those kept for ``base_module``; returns the function that waits and returns them all."""
     with _cache_lock:
         kept = _FINGERPRINTS.get(base_module)
         if kept is None:
@@ -119,8 +120,10 @@ def _fingerprints(base_module: nn.Module, wanted: Mapping[str, torch.Tensor]) ->
                 result[key] = entry[2]
             else:
                 missing[key] = tensor
-    if missing:
-        computed = fingerprints([saved_layout(t) for t in missing.values()])
+    finish = start_fingerprints([saved_layout(t) for t in missing.values()]) if missing else list
+
+    def done() -> dict[str, Optional[int]]:
+        computed = finish()
         with _cache_lock:
             for (key, tensor), value in zip(missing.items(), computed):
                 result[key] = value
@@ -128,7 +131,9 @@ def _fingerprints(base_module: nn.Module, wanted: Mapping[str, torch.Tensor]) ->
                     kept[key] = (weakref.ref(_owner(tensor)), _validity(tensor), value)
                 except TypeError:  # a tensor that takes no weak reference: not kept
                     pass
-    return result
+        return result
+
+    return done
 
 
 def live_identity(root: nn.Module, compare_with: Optional[BaseIdentity] = None, skip: Collection[str] = ()
@@ -161,11 +166,14 @@ def live_identity(root: nn.Module, compare_with: Optional[BaseIdentity] = None, 
                 continue
         if _materialized(value):
             wanted[name] = value
-    values = _fingerprints(base.view.base, wanted)
+    finish = _start_fingerprints(base.view.base, wanted)
+    # while an accelerator reads the tensors: the quantization description
+    weights = ((p.module, p.tensor) for p in base.found.parameters.values() if p.name == "weight")
+    quantization = describe_model_quantization(root, weights)
+    values = finish()
     tensors = {name: TensorRecord(dtype, shape, values.get(name), quantized)
                for name, (dtype, shape, quantized) in records.items()}
-    weights = ((p.module, p.tensor) for p in base.found.parameters.values() if p.name == "weight")
-    return BaseIdentity(tensors, describe_model_quantization(root, weights))
+    return BaseIdentity(tensors, quantization)
 
 
 # ------------------------------------------------------------------------------------------------ saving

@@ -22,7 +22,7 @@ from ._base_identity import (
     read_sidecar,
     write_sidecar,
 )
-from ._fingerprint import FINGERPRINT_FORMAT, fingerprint, fingerprints
+from ._fingerprint import FINGERPRINT_FORMAT, fingerprint, fingerprints, start_fingerprints
 from ._load_plan import LoadPlan, plan_load, raise_for_mismatches, resolve_key
 from ._state import (
     BASE,
@@ -76,6 +76,7 @@ __all__ = [
     "resolve_key",
     "run_atomically",
     "same_bytes",
+    "start_fingerprints",
     "tracks_running_stats",
     "write_sidecar",
 ]

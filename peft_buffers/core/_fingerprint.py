@@ -31,13 +31,13 @@ On a CUDA device with Triton, one kernel reads every bigger tensor through a tab
 from __future__ import annotations
 
 import threading
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from ._fingerprint_cuda import direct_totals
 
-__all__ = ["FINGERPRINT_FORMAT", "ROW_BYTES", "fingerprint", "fingerprints", "row_weights"]
+__all__ = ["FINGERPRINT_FORMAT", "ROW_BYTES", "fingerprint", "fingerprints", "row_weights", "start_fingerprints"]
 
 #: Names the definition above; recorded with every fingerprint so that a later definition is never compared
 #: with this one.
@@ -120,16 +120,33 @@ def fingerprints(tensors: Sequence[torch.Tensor]) -> list[Optional[int]]:
         >>> a == b, a == c
         (True, False)
     """
-    results: list[Optional[int]] = [None] * len(tensors)
+    return start_fingerprints(tensors)()
+
+
+def start_fingerprints(tensors: Sequence[torch.Tensor]) -> Callable[[], list[Optional[int]]]:
+    """Start :func:`fingerprints` (on an accelerator the work is queued, nothing waits) and return the function
+    that waits for it and returns the fingerprints: the caller can do other work in between.
+
+    Example:
+        >>> finish = start_fingerprints([torch.zeros(2)])
+        >>> finish()
+        [0]
+    """
     by_device: Dict[torch.device, list[int]] = {}
     for i, tensor in enumerate(tensors):
         if tensor.device.type == "meta" or isinstance(tensor, torch.nn.parameter.UninitializedTensorMixin):
             continue
         by_device.setdefault(tensor.device, []).append(i)
-    for device, indices in by_device.items():
-        for i, value in zip(indices, _on_device(device, [tensors[i] for i in indices])):
-            results[i] = value
-    return results
+    started = [(indices, _on_device(device, [tensors[i] for i in indices])) for device, indices in by_device.items()]
+
+    def finish() -> list[Optional[int]]:
+        results: list[Optional[int]] = [None] * len(tensors)
+        for indices, totals in started:
+            for i, value in zip(indices, totals.tolist()):  # the one synchronisation per device
+                results[i] = value & _MASK
+        return results
+
+    return finish
 
 
 def fingerprint(tensor: torch.Tensor) -> Optional[int]:
@@ -144,7 +161,8 @@ def fingerprint(tensor: torch.Tensor) -> Optional[int]:
     return fingerprints([tensor])[0]
 
 
-def _on_device(device: torch.device, tensors: list[torch.Tensor]) -> list[int]:
+def _on_device(device: torch.device, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's fingerprint as int64 on ``device`` (queued there, not waited for)."""
     direct: list[tuple[int, torch.Tensor, int]] = []  # (index, tensor, whole rows) read where they are
     pieces: list[torch.Tensor] = []  # bytes concatenated and reduced together (whole rows, zero-padded)
     packed: list[tuple[int, int, int]] = []  # (index, first row, rows) of the concatenated bytes
@@ -187,7 +205,7 @@ def _on_device(device: torch.device, tensors: list[torch.Tensor]) -> list[int]:
             joined = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             torch.sum(joined.view(torch.int64).view(-1, _ROW_WORDS), dim=1, out=sums[start:])
         totals.index_add_(0, owner, sums.mul_(weight))
-    return [value & _MASK for value in totals.tolist()]
+    return totals
 
 
 def _zeros(device: torch.device) -> torch.Tensor:

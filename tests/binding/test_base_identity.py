@@ -197,7 +197,7 @@ def test_off_mode_records_nothing_checks_nothing_and_reads_no_tensor(enabled, sa
         raise AssertionError("base_check='off' must not fingerprint anything")
 
     peft_buffers.enable(base_check="off")
-    monkeypatch.setattr(_base_identity, "fingerprints", no_fingerprints)
+    monkeypatch.setattr(_base_identity, "start_fingerprints", no_fingerprints)
     trained().save_pretrained(tmp_path / "off")
     assert (tmp_path / "off" / WEIGHTS).is_file() and not (tmp_path / "off" / SIDECAR).exists()
     with warnings.catch_warnings():
@@ -216,10 +216,10 @@ def test_the_base_is_read_once_per_load_and_not_again_for_the_next_adapter(saved
 
     def counting(tensors):
         counted.append(len(tensors))
-        return fingerprints(tensors)
+        return start(tensors)
 
-    fingerprints = _base_identity.fingerprints
-    monkeypatch.setattr(_base_identity, "fingerprints", counting)
+    start = _base_identity.start_fingerprints
+    monkeypatch.setattr(_base_identity, "start_fingerprints", counting)
     model = PeftModel.from_pretrained(make_base(), saved)  # from_pretrained loads through load_adapter: once
     assert counted == [6]
     model.load_adapter(saved, adapter_name="second")  # nothing changed: the fingerprints are reused
