@@ -58,7 +58,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _materialized(tensor: torch.Tensor) -> bool:
     """False for a sharded or partitioned tensor (FSDP2's DTensor, DeepSpeed ZeRO-3), whose local data is not
     the tensor: no identity can be computed from it."""
-    return type(tensor).__name__ != "DTensor" and not hasattr(tensor, "ds_id")
+    kind = type(tensor)
+    if kind is torch.Tensor or kind is nn.Parameter:  # the common case, without an attribute lookup
+        return True
+    return kind.__name__ != "DTensor" and not hasattr(tensor, "ds_id")
 
 
 class _Base:

@@ -182,30 +182,51 @@ def _on_device(device: torch.device, tensors: list[torch.Tensor]) -> torch.Tenso
                 pieces.append(zeros[: -rest.numel() % ROW_BYTES])
             packed.append((index, full, -(-rest.numel() // ROW_BYTES)))
     totals = torch.zeros(len(tensors), dtype=torch.int64, device=device)
-    fast = None
+    segments = packed
     if direct:
-        weights = row_weights(max(rows for _, _, rows in direct), device)
-        fast = direct_totals(device, [t.data_ptr() for _, t, _ in direct], [rows for _, _, rows in direct], weights)
-    if fast is not None:
-        totals.index_copy_(0, torch.tensor([i for i, _, _ in direct], device=device), fast)
-        segments = packed
-    else:
-        segments = [(index, 0, rows) for index, _, rows in direct] + packed
+        indices = [index for index, _, _ in direct]
+        rows = [count for _, _, count in direct]
+        weights = row_weights(max(rows), device)
+        fast = direct_totals(device, [t.data_ptr() for _, t, _ in direct], rows, weights)
+        if fast is not None:  # one kernel for all (CUDA with Triton)
+            totals.index_copy_(0, torch.tensor(indices, device=device), fast)
+        elif device.type == "cpu":  # row sums, then one dot product per tensor: no temporary the size of the sums
+            sums = _scratch(device, sum(rows))
+            for (index, data, count), out in zip(direct, sums.split(rows)):
+                torch.sum(data.reshape(-1).view(torch.uint8)[: count * ROW_BYTES].view(torch.int64)
+                          .view(-1, _ROW_WORDS), dim=1, out=out)
+                totals[index] = torch.dot(out, weights[:count])
+        else:
+            segments = [(index, 0, count) for index, _, count in direct] + packed
     if segments:
         owner, weight = _layout(device, tuple(segments))
         sums = torch.empty(owner.numel(), dtype=torch.int64, device=device)
         start = 0
-        if fast is None and direct:
-            views = [t.reshape(-1).view(torch.uint8)[: rows * ROW_BYTES].view(torch.int64).view(-1, _ROW_WORDS)
-                     for _, t, rows in direct]
-            start = sum(rows for _, _, rows in direct)
-            for view, out in zip(views, sums[:start].split([rows for _, _, rows in direct])):
-                torch.sum(view, dim=1, out=out)
+        if len(segments) > len(packed):  # the direct tensors' rows first (an accelerator without Triton)
+            start = sum(count for _, _, count in direct)
+            for (_, data, count), out in zip(direct, sums[:start].split([count for _, _, count in direct])):
+                torch.sum(data.reshape(-1).view(torch.uint8)[: count * ROW_BYTES].view(torch.int64)
+                          .view(-1, _ROW_WORDS), dim=1, out=out)
         if pieces:
             joined = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             torch.sum(joined.view(torch.int64).view(-1, _ROW_WORDS), dim=1, out=sums[start:])
         totals.index_add_(0, owner, sums.mul_(weight))
     return totals
+
+
+_scratch_local = threading.local()
+
+
+def _scratch(device: torch.device, count: int) -> torch.Tensor:
+    """An int64 buffer of ``count`` elements on ``device``, kept per thread (a fresh one each call would cost
+    page faults on a CPU, the size of 1/64 of the bytes read)."""
+    kept = getattr(_scratch_local, "buffers", None)
+    if kept is None:
+        kept = _scratch_local.buffers = {}
+    buffer = kept.get(device)
+    if buffer is None or buffer.numel() < count:
+        buffer = kept[device] = torch.empty(count, dtype=torch.int64, device=device)
+    return buffer[:count]
 
 
 def _zeros(device: torch.device) -> torch.Tensor:
