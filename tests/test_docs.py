@@ -135,6 +135,9 @@ def test_runnable_block(block, tmp_path, monkeypatch, offline):
     if _unmet(block.requires):
         pytest.skip(f"{block.id} {_unmet(block.requires)}")
     monkeypatch.chdir(tmp_path)  # files a block writes land in a fresh directory
+    import torch._dynamo
+
+    torch._dynamo.reset()  # as in a fresh process: no compiled code of other tests (a block may forbid recompiles)
     namespace = {"__name__": "__main__"}
     # Padded so that a traceback names the document's own line numbers.
     code = compile("\n" * (block.line - 1) + block.code, str(block.document), "exec")

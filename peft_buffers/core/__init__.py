@@ -12,6 +12,7 @@ from ._adapter_file import (
     check_safetensors_file,
     check_state_dict_fits,
     find_weights_file,
+    verify_adapter_path,
 )
 from ._load_plan import LoadPlan, plan_load, raise_for_mismatches, resolve_key
 from ._state import (
@@ -58,4 +59,5 @@ __all__ = [
     "run_atomically",
     "same_bytes",
     "tracks_running_stats",
+    "verify_adapter_path",
 ]
