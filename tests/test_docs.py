@@ -26,6 +26,7 @@ class Block(NamedTuple):
     document: Path
     line: int  # 1-based line of the first line of code
     code: str
+    requires: str = ""  # e.g. "peft>=0.14": the block needs that release (info string `python runnable peft>=0.14`)
 
     @property
     def id(self) -> str:
@@ -58,9 +59,10 @@ def runnable_blocks(document: Path, text: str) -> list[Block]:
                     and not closing["info"].strip():
                 break
             index += 1
-        if tuple(info.split()) == RUNNABLE_INFO:
+        words = info.split()
+        if tuple(words[:2]) == RUNNABLE_INFO and len(words) <= 3:
             code = textwrap.dedent("\n".join(lines[start:index]) + "\n")
-            blocks.append(Block(document, start + 1, code))
+            blocks.append(Block(document, start + 1, code, words[2] if len(words) == 3 else ""))
         index += 1
     return blocks
 
@@ -88,9 +90,13 @@ def test_the_parser_finds_exactly_the_marked_blocks():
         ~~~python runnable
         c = 3
         ~~~
+        ```python runnable peft>=0.14
+        d = 4
+        ```
         """)
     blocks = runnable_blocks(ROOT / "README.md", text)
-    assert [(block.line, block.code) for block in blocks] == [(2, "a = 1\n"), (14, "b = 2\n"), (17, "c = 3\n")]
+    assert [(block.line, block.code, block.requires) for block in blocks] == [
+        (2, "a = 1\n", ""), (14, "b = 2\n", ""), (17, "c = 3\n", ""), (20, "d = 4\n", "peft>=0.14")]
 
 
 def test_readme_and_docs_have_runnable_blocks():
@@ -111,9 +117,27 @@ def offline(monkeypatch):
         monkeypatch.setenv(name, "1")
 
 
+def _unmet(requirement: str) -> str:
+    """Why this environment cannot run a block that needs ``requirement`` (``peft>=0.14``), or ``""``."""
+    if not requirement:
+        return ""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    needed = Requirement(requirement)
+    installed = version(needed.name)
+    return "" if needed.specifier.contains(installed, prereleases=True) else f"needs {needed}, found {installed}"
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
 def test_runnable_block(block, tmp_path, monkeypatch, offline):
+    if _unmet(block.requires):
+        pytest.skip(f"{block.id} {_unmet(block.requires)}")
     monkeypatch.chdir(tmp_path)  # files a block writes land in a fresh directory
+    import torch._dynamo
+
+    torch._dynamo.reset()  # as in a fresh process: no compiled code of other tests (a block may forbid recompiles)
     namespace = {"__name__": "__main__"}
     # Padded so that a traceback names the document's own line numbers.
     code = compile("\n" * (block.line - 1) + block.code, str(block.document), "exec")

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["CLASSES", "FUNCTIONS", "HOOKS", "HOOK_KINDS", "ApiMethod", "Hooked", "classify"]
+__all__ = ["CLASSES", "DOCS_END", "DOCS_START", "FUNCTIONS", "HOOKS", "HOOK_KINDS", "ApiMethod", "Hooked", "classify",
+           "docs_with_table", "installed_api", "markdown_table"]
 
 
 @dataclass(frozen=True)
@@ -210,3 +211,89 @@ HOOKS: tuple[Hooked, ...] = (
     Hooked("peft.utils.hotswap:hotswap_adapter_from_state_dict", "hotswap_state_dict", since="0.14",
            params=("model", "state_dict", "adapter_name")),
 )
+
+
+def installed_api() -> dict[tuple[str, str], str]:
+    """The installed PEFT's adapter API: ``(class, name) -> "module:Class.name"`` of the class defining each public
+    name of :data:`CLASSES` (and PeftModel's task subclasses), ``("", name)`` for the functions of
+    :data:`FUNCTIONS`. Imports PEFT (this module itself does not).
+
+    Example:
+        >>> ("PeftModel", "unload") in installed_api()  # forwarded to the tuner: not PeftModel's own name
+        False
+        >>> installed_api()[("PeftModel", "load_adapter")]
+        'peft.peft_model:PeftModel.load_adapter'
+    """
+    import importlib
+    import inspect
+
+    classes = []
+    for module_name, class_name in CLASSES:
+        try:
+            classes.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):  # a class a line does not have (PeftMixedModel before 0.7)
+            continue
+    peft_model = importlib.import_module("peft.peft_model")
+    classes += [c for c in vars(peft_model).values()
+                if inspect.isclass(c) and issubclass(c, peft_model.PeftModel) and c.__module__ == peft_model.__name__]
+    found = {}
+    for cls in classes:
+        for name in dir(cls):
+            if name.startswith("_"):
+                continue
+            owner = next(k for k in cls.__mro__ if name in k.__dict__)
+            if owner.__module__.startswith("peft"):  # torch's and transformers' own methods are not PEFT's API
+                found[(owner.__qualname__, name)] = f"{owner.__module__}:{owner.__qualname__}.{name}"
+    for module_name in FUNCTIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # peft.utils.hotswap is new in 0.14
+            continue
+        for name, value in vars(module).items():
+            if callable(value) and not name.startswith("_") and getattr(value, "__module__", "") == module_name:
+                found[("", name)] = f"{module_name}:{name}"
+    return found
+
+
+DOCS_START = "<!-- adapter-api:start -->"
+DOCS_END = "<!-- adapter-api:end -->"
+
+
+def markdown_table() -> str:
+    """The meanings of the table as Markdown, hooked methods first (docs/internals.md carries it).
+
+    Example:
+        >>> markdown_table().splitlines()[0]
+        '| method | peft_buffers | what it means for the extra state |'
+    """
+    rows = ["| method | peft_buffers | what it means for the extra state |", "| --- | --- | --- |"]
+    entries = [(name, method) for name, method in _BY_NAME.items() if method.kind != "reads"]
+    entries += [(name, method) for name, method in _BY_CLASS.items()
+                if method != _BY_NAME.get(name.rpartition(".")[2])]  # a class's own meaning only where it differs
+    for name, method in sorted(entries, key=lambda item: (item[1].kind not in HOOK_KINDS, item[0])):
+        rows.append(f"| `{name}` | {'hooked' if method.kind in HOOK_KINDS else 'not hooked'} | {method.meaning} |")
+    reads = sorted(name for name, method in _BY_NAME.items() if method.kind == "reads")
+    rows.append(f"| {', '.join(f'`{name}`' for name in reads)} | not hooked | {_READS} |")
+    return "\n".join(rows)
+
+
+def docs_with_table(text: str) -> str:
+    """``text`` with the part between :data:`DOCS_START` and :data:`DOCS_END` replaced by :func:`markdown_table`.
+
+    Example:
+        >>> docs_with_table(f"a\\n{DOCS_START}\\nold\\n{DOCS_END}\\nb").count("| `unload` |")
+        1
+    """
+    head, start, rest = text.partition(DOCS_START)
+    _, end, tail = rest.partition(DOCS_END)
+    if not start or not end:
+        raise ValueError(f"no {DOCS_START} ... {DOCS_END} markers")
+    return f"{head}{start}\n{markdown_table()}\n{end}{tail}"
+
+
+if __name__ == "__main__":  # python -m peft_buffers.binding._api_table docs/internals.md: regenerate its table
+    import sys
+    from pathlib import Path
+
+    for path in sys.argv[1:]:
+        Path(path).write_text(docs_with_table(Path(path).read_text(encoding="utf-8")), encoding="utf-8")

@@ -40,6 +40,7 @@ from packaging.version import Version
 from .. import __version__, binding
 from .._errors import CommandError, PeftBuffersError
 from ..binding import NATIVE_FIELDS_NOTE, mixin_min_peft, peft_has_native_fields
+from ..binding._api_table import classify, installed_api
 from ..binding.registry import (
     GET,
     README_END,
@@ -186,6 +187,10 @@ def doctor_report(deep: bool = False) -> dict:
                                f"not {versions['transformers']}")
     if deep:
         report["import_failures"] = _import_every_peft_module()
+        report["adapter_api"] = adapter_api_rows(entry)
+        report["problems"] += [f"{row['method']} is a public method of PEFT's adapter API that peft_buffers does not "
+                               f"classify: whether it changes which adapter computes is unknown"
+                               for row in report["adapter_api"] if row["kind"] is None]
     differences = binding.versions.structure_differences(entry)
     if differences:
         report["problems"] += [f"the {entry.line}.x entry does not match this peft: {d}" for d in differences]
@@ -237,12 +242,35 @@ def _format(report: dict, strict: bool = False) -> str:
         lines += [f"  [{'patched' if s['patched'] else 'NOT PATCHED'}] {s['site']}" for s in report["sites"]]
         lines.append("adapter hooks:")
         lines += [f"  [{_hook_state(s)}] {s['site']}" for s in report["hooks"]]
+    if report.get("adapter_api"):
+        rows = report["adapter_api"]
+        lines.append(f"adapter API ({len(rows)} public methods; {sum(r['hooked'] for r in rows)} hooked):")
+        lines += [f"  [{'hooked ' + r['kind'] if r['hooked'] else r['kind'] or 'NOT CLASSIFIED'}] {r['method']}: "
+                  f"{r['meaning']}" for r in rows]
     lines += [f"note: {note}" for note in report["notes"]]
     for path in report["unusable"]:
         lines.append(f"UNUSABLE: {path['path']}: {path['reason']}. Fix: {path['fix']}")
     lines += [f"PROBLEM: {problem}" for problem in report["problems"]]
     lines.append(verdict(report, strict)[1])
     return "\n".join(lines)
+
+
+def adapter_api_rows(entry: PatchEntry) -> list[dict]:
+    """The installed PEFT's adapter API as the registry classifies it: one row per public method.
+
+    Example:
+        >>> rows = adapter_api_rows(binding.versions.select_entry(binding.versions.installed_peft_version())[0])
+        >>> next(r for r in rows if r["method"] == "PeftModel.load_adapter")["hooked"]
+        True
+    """
+    hooked = {hook.target for hook in entry.adapter_hooks}
+    rows = []
+    for (owner, name), target in sorted(installed_api().items()):
+        found = classify(owner, name)
+        method = f"{owner}.{name}" if owner else target.replace(":", ".")
+        rows.append({"method": method, "kind": found.kind if found else None,
+                     "hooked": target in hooked, "meaning": found.meaning if found else ""})
+    return rows
 
 
 def verdict(report: dict, strict: bool = False) -> tuple[int, str]:

@@ -12,6 +12,7 @@ from ._adapter_file import (
     check_safetensors_file,
     check_state_dict_fits,
     find_weights_file,
+    verify_adapter_path,
 )
 from ._base_identity import (
     SIDECAR_NAME,
@@ -78,5 +79,6 @@ __all__ = [
     "same_bytes",
     "start_fingerprints",
     "tracks_running_stats",
+    "verify_adapter_path",
     "write_sidecar",
 ]

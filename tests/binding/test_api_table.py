@@ -7,47 +7,16 @@ release cannot add a path that changes which adapter computes without peft_buffe
 
 from __future__ import annotations
 
-import importlib
-import inspect
-
 import peft_buffers
 from peft_buffers.binding import patch_status
-from peft_buffers.binding._api_table import CLASSES, FUNCTIONS, HOOK_KINDS, classify
+from peft_buffers.binding._api_table import HOOK_KINDS, classify, installed_api
 from peft_buffers.binding.registry import entry_for
 
 from .._compat import PEFT_VERSION
 
 
 def _public_methods() -> dict[tuple[str, str], str]:
-    """``(class name, method) -> "module:Class.method"`` of the class that defines it, for every public name."""
-    import peft.peft_model
-
-    classes = []
-    for module_name, class_name in CLASSES:
-        try:
-            classes.append(getattr(importlib.import_module(module_name), class_name))
-        except (ImportError, AttributeError):  # a class a line does not have yet (PeftMixedModel before 0.7)
-            continue
-    peft_model = peft.peft_model
-    classes += [c for c in vars(peft_model).values()
-                if inspect.isclass(c) and issubclass(c, peft_model.PeftModel) and c.__module__ == peft_model.__name__]
-    found = {}
-    for cls in classes:
-        for name in dir(cls):
-            if name.startswith("_"):
-                continue
-            owner = next(k for k in cls.__mro__ if name in k.__dict__)
-            if owner.__module__.startswith("peft"):  # torch's and transformers' own methods are not PEFT's API
-                found[(owner.__qualname__, name)] = f"{owner.__module__}:{owner.__qualname__}.{name}"
-    for module_name in FUNCTIONS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # peft.utils.hotswap is new in 0.14
-            continue
-        for name, value in vars(module).items():
-            if callable(value) and not name.startswith("_") and getattr(value, "__module__", "") == module_name:
-                found[("", name)] = f"{module_name}:{name}"
-    return found
+    return installed_api()
 
 
 def test_every_public_method_of_the_adapter_api_is_classified():
@@ -73,3 +42,12 @@ def test_every_meaning_is_one_line_a_user_can_read():
     for (cls, name) in _public_methods():
         meaning = classify(cls, name).meaning
         assert meaning and "\n" not in meaning and not meaning.endswith("."), (cls, name)
+
+
+def test_the_internals_page_carries_the_current_table():
+    from pathlib import Path
+
+    from peft_buffers.binding._api_table import docs_with_table
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "internals.md").read_text(encoding="utf-8")
+    assert docs_with_table(page) == page, "run `python -m peft_buffers.binding._api_table docs/internals.md`"
