@@ -5,7 +5,8 @@ bytes (the 1.1B Llama: 201 tensors, 2.2 GB, about 0.7 ms of reading on an H100).
 every tensor through a table of pointers: each program sums the 64-bit words of up to ``_TILE_ROWS`` rows of
 one tensor, multiplies each row sum by its row weight and stores the tile's total; the tiles of a tensor are
 then added with one ``cumsum`` (exact: all arithmetic is modulo 2**64). The result is the same number the
-CPU computes (tested). Used when Triton is importable and the kernel builds; otherwise the per-tensor path runs.
+CPU computes (tested, and checked once per device before first use). Used when Triton is importable and the
+kernel builds and passes that check; otherwise the per-tensor path runs.
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ def direct_totals(device: torch.device, pointers: list[int], rows: list[int], we
     kernel = _kernel()
     if kernel is None:
         return None
+    if device not in _state.setdefault("verified", set()) and not _verify(kernel, device):
+        return None
+    return _run(kernel, device, pointers, rows, weights)
+
+
+def _run(kernel, device: torch.device, pointers: list[int], rows: list[int], weights: torch.Tensor
+         ) -> Optional[torch.Tensor]:
     counts, entry, row0, first, last = _tables(device, tuple(rows))
     table = torch.tensor(pointers, dtype=torch.int64).to(device, non_blocking=True)
     out = torch.empty(entry.numel(), dtype=torch.int64, device=device)
@@ -101,6 +109,23 @@ def direct_totals(device: torch.device, pointers: list[int], rows: list[int], we
     running = torch.cumsum(out, 0)  # int64, wraps modulo 2**64 like every step above
     before = torch.where(first > 0, running[(first - 1).clamp(min=0)], torch.zeros_like(first))
     return running[last] - before
+
+
+def _verify(kernel, device: torch.device) -> bool:
+    """Once per device: the kernel's totals equal plain torch's on random data (else it is not used)."""
+    generator = torch.Generator().manual_seed(0)
+    data = [torch.randint(-2**62, 2**62, (rows, 64), generator=generator, dtype=torch.int64).to(device)
+            for rows in (1, 33, 70)]
+    weights = torch.randint(-2**62, 2**62, (70,), generator=generator, dtype=torch.int64).to(device) | 1
+    got = _run(kernel, device, [t.data_ptr() for t in data], [t.shape[0] for t in data], weights)
+    expected = torch.stack([(t.sum(dim=1) * weights[: t.shape[0]]).sum() for t in data])
+    ok = got is not None and torch.equal(got, expected)
+    with _lock:
+        if ok:
+            _state["verified"].add(device)
+        elif _state["failed"] is None:
+            _state["kernel"], _state["failed"] = None, "its totals differ from torch's on this device"
+    return ok
 
 
 def triton_status() -> str:
