@@ -20,7 +20,7 @@ __all__ = ["direct_totals"]
 
 _TILE_ROWS = 32
 _lock = threading.Lock()
-_state: dict = {"kernel": None, "failed": None}
+_state: dict = {"kernel": None, "failed": None, "verified": set()}
 _TABLES: Dict[tuple, tuple] = {}  # (device, rows per tensor) -> tile tables, the last 8
 
 
@@ -89,7 +89,7 @@ def direct_totals(device: torch.device, pointers: list[int], rows: list[int], we
     kernel = _kernel()
     if kernel is None:
         return None
-    if device not in _state.setdefault("verified", set()) and not _verify(kernel, device):
+    if device not in _state["verified"] and not _verify(kernel, device):
         return None
     return _run(kernel, device, pointers, rows, weights)
 
