@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 __all__ = [
     "CommandError",
@@ -15,7 +15,66 @@ __all__ = [
     "PeftBuffersWarning",
     "RollbackFailed",
     "UnsupportedPeftVersion",
+    "escape",
+    "listing",
 ]
+
+SHOWN = 20  # a refusal names this many offending keys, then counts the rest
+NAME_LIMIT = 300  # characters of one key, path or value printed in a message
+
+
+def escape(value: object, limit: int = NAME_LIMIT) -> str:
+    r"""``str(value)`` safe to print in a message: what could make it display as something else is escaped.
+
+    Every character that is not printable (control characters, NUL, bidirectional overrides such as U+202E,
+    zero-width and line-separator characters) is written as its Python escape (``\x00``, ``\u202e``), as
+    ``repr`` writes it, so no name can reorder, hide or fake the text around it. Escaping twice changes nothing
+    (a backslash is left alone: a Windows path stays readable). Text longer than ``limit`` characters is cut,
+    saying how much was left out.
+
+    Example:
+        >>> print(escape("bn.running_mean"))
+        bn.running_mean
+        >>> print(escape("evil\u202ekey\x00"))
+        evil\u202ekey\x00
+        >>> print(escape("x" * 10, limit=4))
+        xxxx... (6 more characters)
+    """
+    text = str(value)
+    if len(text) > limit:
+        text, cut = text[:limit], len(text) - limit
+    else:
+        cut = 0
+    if not text.isprintable():
+        text = "".join(_escaped(char) for char in text)
+    return f"{text}... ({cut} more characters)" if cut else text
+
+
+def _escaped(char: str) -> str:
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def listing(lines: Iterable[str], shown: int = SHOWN, what: str = "key(s)") -> str:
+    """The first ``shown`` lines, one per line, then one line counting the rest: a message stays short.
+
+    Example:
+        >>> print(listing([f"- k{i}" for i in range(4)], shown=2))
+        - k0
+        - k1
+        ... and 2 more key(s)
+    """
+    head, rest = [], 0
+    for line in lines:
+        if len(head) < shown:
+            head.append(line)
+        else:
+            rest += 1
+    if rest:
+        head.append(f"... and {rest:,} more {what}")
+    return "\n".join(head)
 
 
 class PeftBuffersError(Exception):
@@ -68,7 +127,7 @@ class UnsupportedPeftVersion(PeftBuffersError, RuntimeError):
         self.supported = supported
         self.differences = list(differences)
         if self.differences:
-            shown = "; ".join(self.differences[:10])
+            shown = "; ".join(escape(d) for d in self.differences[:10])
             more = f" (and {len(self.differences) - 10} more)" if len(self.differences) > 10 else ""
             super().__init__(
                 f"peft {version} is not supported by peft_buffers: it differs from the registry entry it would "
@@ -94,7 +153,8 @@ class ExtraStateMismatch:
     fix: str
 
     def __str__(self) -> str:
-        return f"- {self.key}: {self.problem}; expected {self.expected}, found {self.found}. Fix: {self.fix}"
+        return (f"- {escape(self.key)}: {escape(self.problem)}; expected {escape(self.expected)}, found "
+                f"{escape(self.found)}. Fix: {escape(self.fix, limit=1000)}")
 
 
 class IncompatibleExtraState(PeftBuffersError, ValueError):
@@ -112,7 +172,7 @@ class IncompatibleExtraState(PeftBuffersError, ValueError):
     def __init__(self, adapter_name: str, mismatches: list[ExtraStateMismatch]):
         self.adapter_name = adapter_name
         self.mismatches = list(mismatches)
-        lines = "\n".join(str(m) for m in self.mismatches)
+        lines = listing(str(m) for m in self.mismatches)
         super().__init__(
             f"adapter {adapter_name!r}: {len(self.mismatches)} key(s) of extra state (running statistics or "
             f"direct parameters) do not fit the model; nothing was loaded.\n{lines}"
@@ -132,7 +192,8 @@ class CorruptAdapterFile(PeftBuffersError, ValueError):
     def __init__(self, path: str, problem: str, expected: str, found: str, fix: str):
         self.path, self.problem, self.expected, self.found, self.fix = str(path), problem, expected, found, fix
         super().__init__(
-            f"{path}: {problem}; expected {expected}, found {found}. Nothing was loaded. Fix: {fix}"
+            f"{escape(path)}: {escape(problem)}; expected {escape(expected)}, found {escape(found)}. Nothing was "
+            f"loaded. Fix: {escape(fix, limit=1000)}"
         )
 
 
@@ -152,8 +213,8 @@ class IncompatibleAdapterWeights(PeftBuffersError, RuntimeError):
     def __init__(self, where: str, mismatches: list[ExtraStateMismatch]):
         self.where = where
         self.mismatches = list(mismatches)
-        lines = "\n".join(str(m) for m in self.mismatches)
-        scope = f" into {where}" if where else ""
+        lines = listing(str(m) for m in self.mismatches)
+        scope = f" into {escape(where)}" if where else ""
         super().__init__(
             f"{len(self.mismatches)} tensor(s) of the state dict being loaded{scope} do not fit the model; "
             f"nothing was written.\n{lines}"
@@ -174,6 +235,7 @@ class RollbackFailed(PeftBuffersError, RuntimeError):
     def __init__(self, describe, original: BaseException):
         self.original = original
         super().__init__(
-            f"{describe or 'a load'} failed ({type(original).__name__}: {original}) and rolling the model back "
-            f"failed as well: the model may be partly changed. Rebuild it (or reload the base model) before use."
+            f"{escape(describe or 'a load')} failed ({type(original).__name__}: {escape(original)}) and rolling the "
+            f"model back failed as well: the model may be partly changed. Rebuild it (or reload the base model) "
+            f"before use."
         )
