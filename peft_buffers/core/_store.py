@@ -361,17 +361,45 @@ def _copy_nested(value):
 
 _index_lock = threading.Lock()
 # id(parameter) -> (weak store, base key, weak parameter): which store to tell before an optimizer steps it.
+# Bounded by the parameters alive: an entry leaves when its parameter is freed (the weak reference's callback)
+# or, at the next indexing, when its store is gone; nothing here keeps a model alive.
 _PARAMETER_INDEX: Dict[int, tuple[weakref.ref, str, weakref.ref]] = {}
 _checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple] = weakref.WeakKeyDictionary()
 _hook_handle = None
+_swept_at = 0  # size of the index after its last sweep for entries of dead stores
+
+
+class _ParameterRef(weakref.ref):
+    """A weak reference to an indexed parameter that knows its index entry (for :func:`_forget_parameter`)."""
+
+    __slots__ = ("entry_id",)
+
+
+def _forget_parameter(ref: _ParameterRef) -> None:
+    """Weak-reference callback: the parameter is being freed, its entry goes (no lock: a collection may run
+    this while the same thread holds the index lock; one dict lookup and pop are atomic)."""
+    entry = _PARAMETER_INDEX.get(ref.entry_id)
+    if entry is not None and entry[2] is ref:
+        _PARAMETER_INDEX.pop(ref.entry_id, None)
 
 
 def _index_parameters(store: ExtraStateStore, parameters: Mapping[str, TensorPlace]) -> None:
+    global _swept_at
     ref = weakref.ref(store)
     with _index_lock:
         for key, place in parameters.items():
             tensor = place.tensor
-            _PARAMETER_INDEX[id(tensor)] = (ref, key, weakref.ref(tensor))
+            entry = _PARAMETER_INDEX.get(id(tensor))
+            if entry is not None and entry[0] is ref and entry[1] == key and entry[2]() is tensor:
+                continue  # already indexed (a second attach of the same store)
+            tensor_ref = _ParameterRef(tensor, _forget_parameter)
+            tensor_ref.entry_id = id(tensor)
+            _PARAMETER_INDEX[id(tensor)] = (ref, key, tensor_ref)
+        if len(_PARAMETER_INDEX) > 2 * _swept_at + 64:  # amortised: entries of stores that are gone
+            for entry_id, entry in _PARAMETER_INDEX.copy().items():  # a copy: callbacks may pop meanwhile
+                if entry[0]() is None and _PARAMETER_INDEX.get(entry_id) is entry:
+                    _PARAMETER_INDEX.pop(entry_id, None)
+            _swept_at = len(_PARAMETER_INDEX)
         _checked.clear()
 
 
