@@ -135,7 +135,8 @@ def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) 
             if _current.patch is None:
                 return original(self, *args, **kwargs)
             bound = signature.bind(self, *args, **kwargs)
-            with saving_folder(self, bound.arguments["save_directory"]) as target:
+            writes = bound.arguments.get("is_main_process", True)
+            with saving_folder(self, bound.arguments["save_directory"], is_main_process=writes) as target:
                 bound.arguments["save_directory"] = target
                 return original(*bound.args, **bound.kwargs)
 

@@ -2,8 +2,9 @@
 
 Find a model's base state and name it (:mod:`._state`), keep one value per adapter and find what training
 changed (:mod:`._store`), validate an incoming state dict before anything changes (:mod:`._load_plan`,
-:mod:`._adapter_file`), and run a load as one transaction (:mod:`._transaction`). The layers above
-(:mod:`peft_buffers.binding`, then the tools) import from here; nothing here imports them.
+:mod:`._adapter_file`), run a load as one transaction (:mod:`._transaction`), and publish a saved folder
+atomically (:mod:`._publish`). The layers above (:mod:`peft_buffers.binding`, then the tools) import from
+here; nothing here imports them.
 """
 
 from ._adapter_file import (
@@ -14,6 +15,7 @@ from ._adapter_file import (
     find_weights_file,
 )
 from ._load_plan import LoadPlan, plan_load, raise_for_mismatches, resolve_key
+from ._publish import PENDING_NAME, StagedFolder, check_folder_complete, stage
 from ._state import (
     BASE,
     RUNNING_STAT_NAMES,
@@ -27,23 +29,27 @@ from ._state import (
     tracks_running_stats,
 )
 from ._store import ExtraStateStore, install_optimizer_hook, remove_optimizer_hook, same_bytes
-from ._transaction import Transaction, active_transaction, atomic, run_atomically
+from ._transaction import Transaction, active_transaction, atomic, exclusive, run_atomically
 
 __all__ = [
     "BASE",
-    "RUNNING_STAT_NAMES",
     "BaseTensors",
     "ExtraStateStore",
     "LoadPlan",
     "ModelView",
+    "PENDING_NAME",
+    "RUNNING_STAT_NAMES",
+    "StagedFolder",
     "TensorHeader",
     "TensorPlace",
     "Transaction",
     "active_transaction",
     "atomic",
     "check_adapter_path",
+    "check_folder_complete",
     "check_safetensors_file",
     "check_state_dict_fits",
+    "exclusive",
     "find_base_tensors",
     "find_running_stats",
     "find_trainable_parameters",
@@ -56,5 +62,6 @@ __all__ = [
     "resolve_key",
     "run_atomically",
     "same_bytes",
+    "stage",
     "tracks_running_stats",
 ]

@@ -187,7 +187,8 @@ def test_an_unusable_pair_is_reported_with_the_newest_tested_transformers_that_a
         "fix": f"pip install transformers=={newest} (the newest transformers CI tests that accepts peft "
                f"{PEFT_VERSION}), or use PEFT's PeftModel (get_peft_model, PeftModel.from_pretrained)",
     }]
-    mixin_hooks = [hook for hook in report["hooks"] if hook["site"].startswith("transformers.")]
+    mixin_hooks = [hook for hook in report["hooks"]
+                   if hook["site"].startswith("transformers.integrations.peft.PeftAdapterMixin.")]
     assert mixin_hooks and all(hook["usable"] is False for hook in mixin_hooks)
     assert doctor([]) == 0
     out = capsys.readouterr().out
