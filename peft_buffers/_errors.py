@@ -57,14 +57,16 @@ def _escaped(char: str) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def listing(lines: Iterable[str], shown: int = SHOWN, what: str = "key(s)") -> str:
-    """The first ``shown`` lines, one per line, then one line counting the rest: a message stays short.
+def listing(lines: Iterable[str], shown: int = SHOWN, what: str = "key(s)", separator: str = "\n") -> str:
+    """The first ``shown`` items, one per line (or ``separator``), then a count of the rest: a message stays short.
 
     Example:
         >>> print(listing([f"- k{i}" for i in range(4)], shown=2))
         - k0
         - k1
         ... and 2 more key(s)
+        >>> listing(["a", "b", "c"], shown=2, what="tensor(s)", separator=", ")
+        'a, b, ... and 1 more tensor(s)'
     """
     head, rest = [], 0
     for line in lines:
@@ -74,7 +76,7 @@ def listing(lines: Iterable[str], shown: int = SHOWN, what: str = "key(s)") -> s
             rest += 1
     if rest:
         head.append(f"... and {rest:,} more {what}")
-    return "\n".join(head)
+    return separator.join(head)
 
 
 class PeftBuffersError(Exception):

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .._errors import PeftBuffersWarning
+from .._errors import PeftBuffersWarning, escape, listing
 from ..core import is_running_stat
 from . import _current
 from . import _peft_view as pv
@@ -126,7 +126,7 @@ def _warn_unsaved(store, adapter_name: str, found) -> None:
     messages = []
     unattributed = sorted(set(store.unattributed) - store.warned)
     if unattributed:
-        names = ", ".join(found.get(k).saved_key if found.get(k) else k for k in unattributed)
+        names = _names(found.get(k).saved_key if found.get(k) else k for k in unattributed)
         messages.append(
             f"{len(unattributed)} base-model tensor(s) changed while no adapter was active (e.g. training inside "
             f"disable_adapter()): no adapter file carries them, and they are the base model's values now: {names}"
@@ -136,11 +136,16 @@ def _warn_unsaved(store, adapter_name: str, found) -> None:
         messages.append(
             f"adapter {adapter_name!r} carries {len(unknown)} parameter(s) changed in place outside an optimizer "
             f"before peft_buffers knew their base value; disable_adapter() and other adapters compute with the "
-            f"value first seen: {', '.join(unknown)}"
+            f"value first seen: {_names(unknown)}"
         )
     if messages:
         store.warned.update(unattributed, unknown)
         warnings.warn("peft_buffers: " + " | ".join(messages), PeftBuffersWarning, stacklevel=4)
+
+
+def _names(keys) -> str:
+    """The first keys, escaped, then how many more: a warning stays short however many tensors it is about."""
+    return listing((escape(key) for key in keys), what="tensor(s)", separator=", ")
 
 
 def extra_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 from packaging.version import InvalidVersion, Version
 
-from .._errors import PeftBuffersError
+from .._errors import PeftBuffersError, escape, listing
 from ..binding.registry import CONFIG_METADATA_FIELDS, REGISTRY, config_fields_data, entry_for, supported_range
 
 __all__ = ["ConfigChange", "ConversionRefused", "ConvertReport", "convert"]
@@ -41,7 +41,7 @@ class ConversionRefused(PeftBuffersError, ValueError):
     def __init__(self, target: str, problems: list[str]):
         self.target = target
         self.problems = list(problems)
-        listed = "\n".join(f"- {problem}" for problem in self.problems)
+        listed = listing(f"- {escape(problem, limit=1000)}" for problem in self.problems)
         count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
         super().__init__(f"cannot convert for PEFT {target} without changing the adapter ({count}):\n{listed}")
 
@@ -177,10 +177,10 @@ def convert(source: Union[str, Path], to_peft: str, out: Optional[Union[str, Pat
     source = Path(source)
     entry = _target_entry(to_peft)
     if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such adapter folder")
+        raise FileNotFoundError(f"{escape(source)}: no such adapter folder")
     config_paths = sorted(source.rglob(CONFIG_NAME))
     if not config_paths:
-        raise FileNotFoundError(f"{source}: no {CONFIG_NAME} in it or below; expected a folder written by "
+        raise FileNotFoundError(f"{escape(source)}: no {CONFIG_NAME} in it or below; expected a folder written by "
                                 f"save_pretrained")
     report = ConvertReport(source, entry.line, entry.tested, [str(p.relative_to(source)) for p in config_paths])
     configs, problems = {}, []
@@ -201,9 +201,10 @@ def convert(source: Union[str, Path], to_peft: str, out: Optional[Union[str, Pat
         raise ValueError("convert needs an output folder (out=..., --out DST) unless check=True (--check)")
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{out} exists; convert writes a new folder: choose another --out or remove it")
+        raise FileExistsError(f"{escape(out)} exists; convert writes a new folder: choose another --out or remove it")
     if out.resolve().is_relative_to(source.resolve()):
-        raise ValueError(f"--out {out} is inside the source folder {source}; choose a folder outside it")
+        raise ValueError(f"--out {escape(out)} is inside the source folder {escape(source)}; choose a folder "
+                         f"outside it")
     shutil.copytree(source, out, copy_function=shutil.copyfile)  # plain byte copies
     for relative, config in configs.items():
         dropped = {change.name for change in report.dropped if change.config == relative}

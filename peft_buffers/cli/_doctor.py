@@ -36,7 +36,7 @@ from typing import Optional
 from packaging.version import Version
 
 from .. import __version__, binding
-from .._errors import CommandError, PeftBuffersError
+from .._errors import CommandError, PeftBuffersError, escape
 from ..binding import NATIVE_FIELDS_NOTE, mixin_min_peft, peft_has_native_fields
 from ..binding.registry import (
     GET,
@@ -264,11 +264,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _update_readme(path: str) -> None:
     readme = Path(path)
     if not readme.is_file():
-        raise CommandError(f"{readme} not found (in {Path.cwd()}): --update-readme rewrites the README of a "
-                           f"peft_buffers clone; run it from the repository root or pass the README's path")
+        raise CommandError(f"{escape(readme)} not found (in {escape(Path.cwd())}): --update-readme rewrites the "
+                           f"README of a peft_buffers clone; run it from the repository root or pass the README's path")
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
-        raise CommandError(f"{readme} has no {README_START} ... {README_END} markers: is it peft_buffers' README?")
+        raise CommandError(f"{escape(readme)} has no {README_START} ... {README_END} markers: is it peft_buffers' "
+                           f"README?")
     readme.write_text(readme_with_table(text), encoding="utf-8")
     print(f"updated the support table in {readme}")
 

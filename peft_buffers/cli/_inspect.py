@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
+from .._errors import escape
 from ..core import RUNNING_STAT_NAMES
 
 __all__ = ["HELP", "AdapterFileSummary", "add_arguments", "inspect_adapter", "run"]
@@ -149,7 +150,7 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
         candidates = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {path}")
+            raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {escape(path)}")
         config_path: Optional[Path] = path / "adapter_config.json"
         path = found
     else:
