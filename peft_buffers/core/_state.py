@@ -168,26 +168,30 @@ class ModelView:
         owned, partial = self.owned_types, self.partial_types
         partial_children, owned_children = self.partial_children, self.owned_children
 
-        def visit(live: str, saved: str, canon: str, module: nn.Module) -> None:
+        # Depth first, children in order, each module once (at its first place). A loop, not a recursive
+        # closure: that would refer to itself and keep every module alive until the garbage collector runs.
+        stack = [(self.base_prefix, self.base_prefix, self.base_prefix, self.base)]
+        while stack:
+            live, saved, canon, module = stack.pop()
             if id(module) in seen:
-                return
+                continue
             seen.add(id(module))
             is_owned = isinstance(module, owned)
             if not is_owned:  # an owned wrapper's own tensors are PEFT's
                 found.append((live, saved, canon, module))
             allowed = owned_children if is_owned else partial_children if isinstance(module, partial) else None
+            children = []
             for name, child in module._modules.items():
                 if child is None:
                     continue
                 if allowed is not None:
                     if name in allowed:
-                        visit(f"{live}{name}.", saved if is_owned else f"{saved}{name}.", canon, child)
+                        children.append((f"{live}{name}.", saved if is_owned else f"{saved}{name}.", canon, child))
                 elif name in _TRANSPARENT_SEGMENTS:
-                    visit(live, saved, canon, child)
+                    children.append((live, saved, canon, child))
                 else:
-                    visit(f"{live}{name}.", f"{saved}{name}.", f"{canon}{name}.", child)
-
-        visit(self.base_prefix, self.base_prefix, self.base_prefix, self.base)
+                    children.append((f"{live}{name}.", f"{saved}{name}.", f"{canon}{name}.", child))
+            stack.extend(reversed(children))
         return found
 
 

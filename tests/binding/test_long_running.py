@@ -1,0 +1,57 @@
+"""A long-lived process (a hyper-parameter search, a server) keeps nothing of the models it dropped.
+
+Before, every model indexed its trained parameters in a module-level table that was never pruned (10-12
+entries per model, forever), and every walk of a model made a reference cycle that kept all its modules
+alive until the garbage collector happened to run.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from peft_buffers.core import _store, _transaction
+
+CYCLES = 300
+
+
+def make_base() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+
+
+def module_level_sizes() -> dict[str, int]:
+    return {"parameter index": len(_store._PARAMETER_INDEX), "optimizers checked": len(_store._checked),
+            "segment layouts": len(_store._SEGMENTS), "model locks": len(_transaction._root_locks),
+            "open transactions": len(_transaction._active)}
+
+
+def test_300_train_save_load_delete_cycles_leave_no_module_level_state(enabled, tmp_path):
+    gc.collect()
+    assert module_level_sizes() == dict.fromkeys(module_level_sizes(), 0)
+    was_enabled = gc.isenabled()
+    gc.disable()  # everything must go when its last reference does, not when a collection runs
+    try:
+        for cycle in range(CYCLES):
+            model = get_peft_model(make_base(), LoraConfig(target_modules=["0"], r=2))
+            model.get_base_model()[2].bias.requires_grad_(True)  # a trained direct parameter: indexed
+            optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+            model(torch.randn(4, 4)).square().mean().backward()
+            optimizer.step()
+            model.save_pretrained(tmp_path)
+            loaded = PeftModel.from_pretrained(make_base(), tmp_path)
+            if cycle % 2:
+                loaded.load_adapter(tmp_path, "other")
+                loaded.delete_adapter("other")
+            gone = [weakref.ref(m) for m in (model, model.get_base_model(), loaded, loaded.get_base_model())]
+            del model, loaded, optimizer
+
+            assert [ref() for ref in gone] == [None] * 4, f"cycle {cycle}: a model outlived its last reference"
+            assert module_level_sizes() == dict.fromkeys(module_level_sizes(), 0), f"cycle {cycle}"
+    finally:
+        if was_enabled:
+            gc.enable()
