@@ -50,9 +50,14 @@ def escape(value: object, limit: int = NAME_LIMIT) -> str:
     return f"{text}... ({cut} more characters)" if cut else text
 
 
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escaped(char: str) -> str:
     if char.isprintable():
         return char
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
     code = ord(char)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
