@@ -26,7 +26,7 @@ import peft_buffers
 from peft_buffers import CorruptAdapterFile
 from peft_buffers.core import PENDING_NAME
 
-from .._atomic import assert_unchanged, extra_state_of_every_adapter, model_fingerprint
+from .._atomic import FailAt, assert_unchanged, extra_state_of_every_adapter, model_fingerprint
 
 ADAPTERS = ("default", "b")
 X = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
@@ -84,22 +84,6 @@ def folder_contents(folder) -> dict[str, bytes]:
 
 def configs_of(model: PeftModel) -> dict:
     return {name: dict(vars(config)) for name, config in model.peft_config.items()}
-
-
-class FailAt:
-    """Calls ``function``, except the ``at``-th call, which fails as a full disk does (a write first writes half
-    of what it was asked to, as ``write_half`` says how)."""
-
-    def __init__(self, function, at: int, write_half=None):
-        self.function, self.at, self.write_half, self.calls = function, at, write_half, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.at:
-            if self.write_half is not None:
-                self.write_half(self.function, *args, **kwargs)
-            raise OSError(errno.ENOSPC, "No space left on device (injected)")
-        return self.function(*args, **kwargs)
 
 
 def _half_safetensors(save_file, tensors, filename, metadata=None):

@@ -17,9 +17,8 @@ import peft.peft_model
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch import nn
-
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from peft_buffers import IncompatibleAdapterWeights
 from peft_buffers.core import active_transaction, atomic

@@ -9,6 +9,8 @@ Guards https://github.com/huggingface/peft/issues/1732 (statistics) and /issues/
 
 from __future__ import annotations
 
+import itertools
+import os
 from importlib.metadata import version
 
 import pytest
@@ -17,7 +19,9 @@ from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
 from peft_buffers import IncompatibleExtraState
+from peft_buffers.core import PENDING_NAME
 
+from .._atomic import FailAt
 from ._tiny import STEM_NORM, logits, lora_config, resnet, train_steps
 
 TRANSFORMERS = Version(version("transformers"))
@@ -85,6 +89,38 @@ def test_load_adapter_gives_the_trained_model(enabled, tmp_path):
     assert torch.equal(logits(fresh), logits(model))
     assert torch.equal(fresh.get_submodule(STEM_NORM).weight, model.get_submodule(STEM_NORM).weight)
     assert not fresh.get_submodule(STEM_NORM).weight.requires_grad  # loaded for inference
+
+
+def _loads_as(path) -> torch.Tensor:
+    fresh = resnet(0)
+    fresh.load_adapter(str(path), adapter_name="a")
+    return logits(fresh)
+
+
+def test_save_pretrained_of_a_model_with_adapters_replaces_the_folder_atomically(enabled, tmp_path, monkeypatch):
+    trained_native(seed=1).save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    old = _loads_as(tmp_path)
+    model = trained_native(seed=2)
+    new = logits(model)
+    assert not torch.equal(old, new)
+
+    failures = 0
+    for at in itertools.count(1):  # every move into place fails in turn: the record, the weights, the config
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", FailAt(os.replace, at))
+            try:
+                model.save_pretrained(tmp_path)
+            except OSError as error:
+                assert "(injected)" in str(error)
+            else:
+                break
+        failures += 1
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before, f"call {at}"
+        assert torch.equal(_loads_as(tmp_path), old), f"call {at}"
+    assert failures >= 3
+    assert torch.equal(_loads_as(tmp_path), new)
+    assert PENDING_NAME not in os.listdir(tmp_path)
 
 
 # https://github.com/huggingface/peft/issues/1732 (a BatchNorm in modules_to_save stays PEFT's own)
