@@ -160,8 +160,22 @@ class ExtraStateMismatch:
     fix: str
 
     def __str__(self) -> str:
+        return self.line()
+
+    def line(self, fix_as_above: bool = False) -> str:
+        """``- key: problem; expected ..., found .... Fix: ...`` (``Fix: as above`` when the line before says it)."""
+        fix = "as above" if fix_as_above else escape(self.fix, limit=1000)
         return (f"- {escape(self.key)}: {escape(self.problem)}; expected {escape(self.expected)}, found "
-                f"{escape(self.found)}. Fix: {escape(self.fix, limit=1000)}")
+                f"{escape(self.found)}. Fix: {fix}")
+
+
+def _mismatch_lines(mismatches: Sequence[ExtraStateMismatch]) -> str:
+    """The first :data:`SHOWN` mismatches, one per line, a fix said once for a run of lines sharing it; a count."""
+    lines = [m.line(fix_as_above=i > 0 and m.fix == mismatches[i - 1].fix)
+             for i, m in enumerate(mismatches[:SHOWN])]
+    if len(mismatches) > SHOWN:
+        lines.append(f"... and {len(mismatches) - SHOWN:,} more key(s)")
+    return "\n".join(lines)
 
 
 class IncompatibleExtraState(PeftBuffersError, ValueError):
@@ -179,9 +193,9 @@ class IncompatibleExtraState(PeftBuffersError, ValueError):
     def __init__(self, adapter_name: str, mismatches: list[ExtraStateMismatch]):
         self.adapter_name = adapter_name
         self.mismatches = list(mismatches)
-        lines = listing(str(m) for m in self.mismatches)
+        lines = _mismatch_lines(self.mismatches)
         super().__init__(
-            f"adapter {adapter_name!r}: {len(self.mismatches)} key(s) of extra state (running statistics or "
+            f"adapter {adapter_name!r}: {len(self.mismatches):,} key(s) of extra state (running statistics or "
             f"direct parameters) do not fit the model; nothing was loaded.\n{lines}"
         )
 
@@ -220,10 +234,10 @@ class IncompatibleAdapterWeights(PeftBuffersError, RuntimeError):
     def __init__(self, where: str, mismatches: list[ExtraStateMismatch]):
         self.where = where
         self.mismatches = list(mismatches)
-        lines = listing(str(m) for m in self.mismatches)
+        lines = _mismatch_lines(self.mismatches)
         scope = f" into {escape(where)}" if where else ""
         super().__init__(
-            f"{len(self.mismatches)} tensor(s) of the state dict being loaded{scope} do not fit the model; "
+            f"{len(self.mismatches):,} tensor(s) of the state dict being loaded{scope} do not fit the model; "
             f"nothing was written.\n{lines}"
         )
 
