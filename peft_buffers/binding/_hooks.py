@@ -7,12 +7,13 @@ import functools
 import inspect
 from typing import Callable
 
-from ..core import BASE, atomic, check_adapter_path
+from ..core import BASE
 from . import _current
 from . import _peft_view as pv
 from ._healthcheck import extra_state_report
-from ._load import atomic_unless_covered
+from ._load import atomic_unless_covered, check_file_once, load_transaction
 from ._native_fields import model_uses_native_fields
+from ._save import SAVING
 from ._save_folder import saving_folder
 from .registry import AdapterHook
 
@@ -56,6 +57,17 @@ def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) 
             return result
 
         return method
+
+    if hook.kind == "structure":
+
+        @functools.wraps(original)
+        def inject_adapter(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            if _current.patch is not None:
+                pv.structure_changed(self)
+            return result
+
+        return inject_adapter
 
     if hook.kind == "forward":
 
@@ -105,7 +117,7 @@ def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) 
                 return original(self, *args, **kwargs)
             arguments = signature.bind(self, *args, **kwargs).arguments
             model_id, name = arguments.get("model_id"), arguments.get("adapter_name")
-            check_adapter_path(model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
+            check_file_once(self, model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
             with atomic_unless_covered(self, f"adapter {name!r} from {model_id}"):
                 return original(self, *args, **kwargs)
 
@@ -121,8 +133,8 @@ def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) 
                 return function(cls, *args, **kwargs)
             arguments = signature.bind(cls, *args, **kwargs).arguments
             model, model_id = arguments["model"], arguments.get("model_id")
-            check_adapter_path(model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
-            with atomic(model, describe=f"adapter {arguments.get('adapter_name', 'default')!r} from {model_id}"):
+            with load_transaction(model, f"adapter {arguments.get('adapter_name', 'default')!r} from {model_id}"):
+                check_file_once(model, model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
                 return function(cls, *args, **kwargs)
 
         return _WrappedClassMethod(from_pretrained, original)
@@ -136,9 +148,13 @@ def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) 
                 return original(self, *args, **kwargs)
             bound = signature.bind(self, *args, **kwargs)
             writes = bound.arguments.get("is_main_process", True)
-            with saving_folder(self, bound.arguments["save_directory"], is_main_process=writes) as target:
-                bound.arguments["save_directory"] = target
-                return original(*bound.args, **bound.kwargs)
+            token = SAVING.set(True)
+            try:
+                with saving_folder(self, bound.arguments["save_directory"], is_main_process=writes) as target:
+                    bound.arguments["save_directory"] = target
+                    return original(*bound.args, **bound.kwargs)
+            finally:
+                SAVING.reset(token)
 
         return save_pretrained
 

@@ -13,9 +13,10 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..core import BASE, BaseTensors, ExtraStateStore, ModelView, find_base_tensors
+from ..core import BASE, BaseTensors, ExtraStateStore, ModelView, Transaction, active_transaction, find_base_tensors
 
-__all__ = ["active_adapter", "attached_store", "ensure_store", "model_view", "settle", "sync", "wraps_for"]
+__all__ = ["active_adapter", "attach_walk", "attached_store", "covering_transaction", "ensure_store", "model_view",
+           "settle", "structure_changed", "sync", "wraps_for"]
 
 _STORE_ATTR = "_peft_buffers_store"
 
@@ -126,9 +127,44 @@ def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True,
         view = model_view(root)
         store = ExtraStateStore(live=active_adapter(root), view=view)
         store.late = late
-        store.capture(find_base_tensors(view))
+        found = find_base_tensors(view)
+        store.capture(found)
         root.__dict__[_STORE_ATTR] = store
+        _remember_walk(root, found)
         return store
+
+
+# Inside one load (one transaction, no user code in between) the walk made when a store attaches stays valid
+# until PEFT injects modules: the load's plan reuses it, and nothing can have changed since the capture.
+_WALKS = "walks"
+
+
+def _remember_walk(root: nn.Module, found: BaseTensors) -> None:
+    transaction = covering_transaction(root)
+    if transaction is not None:
+        transaction.memo.setdefault(_WALKS, {})[id(root)] = found
+
+
+def attach_walk(root: nn.Module) -> Optional[BaseTensors]:
+    """The walk made when ``root``'s store attached during the current load, while it is still valid."""
+    transaction = covering_transaction(root)
+    return transaction.memo.get(_WALKS, {}).get(id(root)) if transaction is not None else None
+
+
+def structure_changed(root: nn.Module) -> None:
+    """Forget walks made during the current load (PEFT injected or removed modules)."""
+    transaction = covering_transaction(root)
+    if transaction is not None:
+        transaction.memo.pop(_WALKS, None)
+
+
+def covering_transaction(root: nn.Module) -> Optional[Transaction]:
+    """The open load transaction on ``root`` or, for a PEFT model, on its base model (``from_pretrained``'s)."""
+    transaction = active_transaction(root)
+    get_base = getattr(type(root), "get_base_model", None)
+    if transaction is None and callable(get_base):
+        transaction = active_transaction(get_base(root))
+    return transaction
 
 
 def target_owner(root: nn.Module, store: ExtraStateStore) -> Optional[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import warnings
@@ -11,13 +12,16 @@ import torch
 from torch import nn
 
 from .._errors import PeftBuffersWarning, escape, listing
-from ..core import is_running_stat
+from ..core import host_copies, is_running_stat
 from . import _current
 from . import _peft_view as pv
 from ._native_fields import model_uses_native_fields
 from ._versions import params
 
-__all__ = ["extra_state_dict", "extra_state_for_save", "make_get", "peft_saved_keys_factory"]
+__all__ = ["SAVING", "extra_state_dict", "extra_state_for_save", "make_get", "peft_saved_keys_factory"]
+
+#: True while a save_pretrained writes files (set by the "save" hook): extra state then goes to the host at once.
+SAVING: contextvars.ContextVar[bool] = contextvars.ContextVar("peft_buffers_saving", default=False)
 
 
 def peft_saved_keys_factory(original_get: Callable) -> Callable:
@@ -97,6 +101,8 @@ def extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set, pe
             tensor = place.tensor
             extra[saved] = tensor.detach() if place.is_parameter else tensor
     _warn_unsaved(store, adapter_name, found)
+    if SAVING.get():  # going to a file: one device-to-host copy for all of it, not one per tensor
+        extra = host_copies(extra)
     return extra
 
 

@@ -25,8 +25,9 @@ import torch
 from packaging.version import Version
 
 from .._errors import PeftBuffersWarning
-from ..core import LoadPlan, TensorPlace, atomic, check_adapter_path, plan_load, raise_for_mismatches
+from ..core import LoadPlan, TensorPlace, check_adapter_path, plan_load, raise_for_mismatches
 from . import _peft_view as pv
+from ._load import load_transaction
 from ._save_folder import saving_folder
 from ._targets import resolve_target
 from .registry import AdapterHook, TransformersEntry, transformers_entry_for
@@ -200,7 +201,7 @@ def _make_hook(kind: str, original: Callable, peft_saved_keys: Callable, is_enab
             arguments = _arguments(signature, self, args, kwargs)
             _check_before_loading(self, arguments)
             describe = f"adapter {arguments.get('adapter_name')!r} from {arguments.get('peft_model_id')}"
-            with atomic(self, describe=describe):
+            with load_transaction(self, describe):
                 return original(self, *args, **kwargs)
 
         return load_adapter
@@ -287,7 +288,7 @@ def _make_load(original: Callable, peft_saved_keys: Callable, is_enabled: Callab
         check, incoming = _check_before_loading(self, arguments)
         if not check.extra:
             return original(self, *args, **kwargs)  # a stock PEFT file: exactly transformers' behaviour
-        with atomic(self, describe=f"adapter {adapter_name!r} from {arguments.get('peft_model_id')}"):
+        with load_transaction(self, f"adapter {adapter_name!r} from {arguments.get('peft_model_id')}"):
             return _load_keeping_extra_state(self, original, args, kwargs, arguments, adapter_name, check, incoming,
                                              peft_saved_keys, is_enabled)
 

@@ -55,6 +55,7 @@ class AdapterHook:
     * ``"load"``: run the original as one transaction (``_transaction.atomic``) after checking the adapter
       file's header: a load that fails for any reason leaves the model exactly as it was;
     * ``"from_pretrained"``: the same for the classmethod ``PeftModel.from_pretrained``, on the base model passed;
+    * ``"structure"``: ``BaseTuner.inject_adapter`` added modules: a walk made earlier in the same load is stale;
     * ``"save"``: ``PeftModel.save_pretrained`` runs inside ``_save_folder.saving_folder``: PEFT writes into a
       staging folder, peft_buffers adds its own files, and every file is moved into place atomically;
     * ``"report"``: ``PeftModel.healthcheck`` (PEFT >= 0.22): peft_buffers' findings are added to PEFT's report;
@@ -95,13 +96,15 @@ _LOAD = AdapterHook("peft.peft_model:PeftModel.load_adapter", "load", params=("s
 _FROM_PRETRAINED = AdapterHook("peft.peft_model:PeftModel.from_pretrained", "from_pretrained",
                                params=("cls", "model", "model_id", "adapter_name"))
 _SAVE = AdapterHook("peft.peft_model:PeftModel.save_pretrained", "save", params=("self", "save_directory"))
+_INJECT = AdapterHook("peft.tuners.tuners_utils:BaseTuner.inject_adapter", "structure",
+                      params=("self", "model", "adapter_name"))
 # PeftModel.delete_adapter exists from 0.16; before, PeftModel.__getattr__ forwards it to the tuner.
 _HOOKS_V06 = (_ATTACH, _SET_ADAPTER, AdapterHook("peft.peft_model:PeftModel.__getattr__", "forward",
                                                  "delete_adapter", params=("self", "name")),
-              _DISABLE, _LOAD, _FROM_PRETRAINED, _SAVE)
+              _DISABLE, _LOAD, _FROM_PRETRAINED, _SAVE, _INJECT)
 _HOOKS_V16 = (_ATTACH, _SET_ADAPTER,
               AdapterHook("peft.peft_model:PeftModel.delete_adapter", "sync", params=("self", "adapter_name")),
-              _DISABLE, _LOAD, _FROM_PRETRAINED, _SAVE)
+              _DISABLE, _LOAD, _FROM_PRETRAINED, _SAVE, _INJECT)
 
 # PEFT 0.22's pre-training check: peft_buffers adds what training will move outside the adapter.
 _HOOKS_V22 = _HOOKS_V16 + (AdapterHook("peft.peft_model:PeftModel.healthcheck", "report"),)

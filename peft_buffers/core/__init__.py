@@ -28,7 +28,7 @@ from ._state import (
     is_running_stat,
     tracks_running_stats,
 )
-from ._store import ExtraStateStore, install_optimizer_hook, remove_optimizer_hook, same_bytes
+from ._store import ExtraStateStore, host_copies, install_optimizer_hook, remove_optimizer_hook, same_bytes
 from ._transaction import Transaction, active_transaction, atomic, exclusive, run_atomically
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "find_running_stats",
     "find_trainable_parameters",
     "find_weights_file",
+    "host_copies",
     "install_optimizer_hook",
     "is_running_stat",
     "plan_load",

@@ -16,6 +16,7 @@ from torch import nn
 from .._errors import ExtraStateMismatch, IncompatibleExtraState
 from ._state import (
     _TRANSPARENT_SEGMENTS,
+    OWNED,
     RUNNING_STAT_NAMES,
     BaseTensors,
     ModelView,
@@ -84,7 +85,7 @@ def resolve_key(
                 return module, live, False
             if want is not None and want in module._modules:
                 return module, live, True  # an adapter's own child: PEFT's
-            if isinstance(module, view.owned_types) and wraps_for_adapter(module):
+            if view.kind(module) is OWNED and wraps_for_adapter(module):
                 return module, live, True
             inner = next((c for c in allowed if module._modules.get(c) is not None), None)
             if inner is None:
@@ -97,7 +98,7 @@ def resolve_key(
             return _PEFT
         allowed = view.wrapper_children(module)
         if allowed is not None and part in allowed:
-            if isinstance(module, view.owned_types) and wraps_for_adapter(module):
+            if view.kind(module) is OWNED and wraps_for_adapter(module):
                 return _PEFT
             module, live = module._modules[part], f"{live}{part}."
             continue
@@ -122,7 +123,7 @@ def resolve_key(
             return _Unresolved(live.rstrip(".") or "the base model", name, module)
         if name in module._modules or _names_adapter_state(module, name):  # LoHa's hada_w1_a, SHiRA's indices
             return _PEFT
-        if isinstance(module, view.owned_types) and wraps_for_adapter(module):
+        if view.kind(module) is OWNED and wraps_for_adapter(module):
             return _PEFT
         inner = next((c for c in allowed if module._modules.get(c) is not None), None)
         if inner is None:
@@ -201,6 +202,7 @@ def plan_load(
     ignore_mismatched_sizes: bool = False,
     check_values: bool = True,
     unknown_keys_are_peft: bool = False,
+    found: Optional[BaseTensors] = None,
 ) -> LoadPlan:
     """Sort an incoming adapter state dict into extra state and PEFT's own keys, and validate the extra state.
 
@@ -213,6 +215,7 @@ def plan_load(
     take the device and dtype of the model's tensors. With ``ignore_mismatched_sizes``, shape mismatches are
     dropped (reported in ``plan.dropped``) instead. ``unknown_keys_are_peft`` passes keys that name nothing
     to PEFT instead (for a check made before PEFT injects the adapter whose modules those keys name).
+    ``found``: a walk of the model made since its last structural change, reused instead of walking again.
 
     Example:
         >>> view = ModelView(base=nn.BatchNorm1d(2))
@@ -220,14 +223,18 @@ def plan_load(
         >>> sorted(plan.extra), [m.key for m in plan.mismatches]
         (['running_mean'], ['lora_A.weight'])
     """
-    plan = LoadPlan(found=find_base_tensors(view))
-    # One walk, then O(1) per key for names as this model has them; other names are resolved step by step.
-    # A tensor inside a modules_to_save wrapper is saved under its base name, which is also the name of the
-    # adapter's own copy: those keys always go through resolve_key, which asks wraps_for_adapter.
+    plan = LoadPlan(found=found if found is not None else find_base_tensors(view))
+    # One walk, then O(1) per key for names as this model has them and for keys under an adapter's own modules;
+    # other names are resolved step by step. A tensor inside a modules_to_save wrapper is saved under its base
+    # name, which is also the name of the adapter's own copy: those keys always go through resolve_key, which
+    # asks wraps_for_adapter.
     direct = {p.live_key: p for p in plan.found.ordered.values() if p.live_key == p.saved_key}
+    adapter_prefixes = plan.found.adapter_prefixes
     candidates: list[tuple[str, TensorPlace, torch.Tensor]] = []
     for key, value in state_dict.items():
-        target = direct.get(key) or resolve_key(view, key, wraps_for_adapter)
+        target = direct.get(key)
+        if target is None:
+            target = _PEFT if _is_under(key, adapter_prefixes) else resolve_key(view, key, wraps_for_adapter)
         if target is _PEFT:
             plan.passthrough[key] = value
             continue
@@ -250,14 +257,56 @@ def plan_load(
         candidates.append((key, target, value))
     params = {key: place.tensor for key, place, _ in candidates if place.is_parameter}
     claimed = claimed_by_peft(params) if params else set()
+    statistics: list[tuple[str, torch.Tensor]] = []
     for key, place, value in candidates:
         if key in claimed:
             plan.passthrough[key] = value
             continue
-        converted = _checked_value(key, place, value, plan, ignore_mismatched_sizes, check_values)
-        if converted is not None:
-            plan.extra[key] = (place, converted)
+        converted = _checked_value(key, place, value, plan, ignore_mismatched_sizes)
+        if converted is None:
+            continue
+        plan.extra[key] = (place, converted)
+        if check_values and place.name in ("running_mean", "running_var") and tracks_running_stats(place.module):
+            statistics.append((key, value))
+    for bad in _bad_statistics(statistics):
+        plan.mismatches.append(bad)
+        del plan.extra[bad.key]
     return plan
+
+
+def _is_under(key: str, prefixes: frozenset) -> bool:
+    """Whether ``key`` starts with one of ``prefixes`` (each ends with a dot), checked at every dot of ``key``."""
+    if not prefixes:
+        return False
+    dot = key.find(".")
+    while dot != -1:
+        if key[: dot + 1] in prefixes:
+            return True
+        dot = key.find(".", dot + 1)
+    return False
+
+
+def _bad_statistics(statistics: list[tuple[str, torch.Tensor]]) -> list[ExtraStateMismatch]:
+    """The running statistics among ``statistics`` the model cannot compute with (see :func:`_bad_values`).
+
+    All of them are checked together, one reduction and one host sync per device and dtype; only when a group
+    fails is each of its tensors looked at.
+    """
+    groups: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in statistics:
+        if value.is_floating_point() and value.numel():
+            groups.setdefault((value.device, value.dtype), []).append((key, value))
+    bad: list[ExtraStateMismatch] = []
+    for members in groups.values():
+        flat = torch.cat([value.reshape(-1) for _, value in members])
+        variances = [value.reshape(-1) for key, value in members if key.endswith("running_var")]
+        ok = torch.isfinite(flat).all()
+        if variances:
+            ok = ok & (torch.cat(variances) >= 0).all()
+        if bool(ok):
+            continue
+        bad += [found for found in (_bad_values(key, value) for key, value in members) if found is not None]
+    return bad
 
 
 def _unresolved_mismatch(key: str, last: str, target: _Unresolved) -> ExtraStateMismatch:
@@ -277,7 +326,7 @@ def _unresolved_mismatch(key: str, last: str, target: _Unresolved) -> ExtraState
 
 
 def _checked_value(
-    key: str, place: TensorPlace, value: torch.Tensor, plan: LoadPlan, ignore_sizes: bool, check_values: bool
+    key: str, place: TensorPlace, value: torch.Tensor, plan: LoadPlan, ignore_sizes: bool
 ) -> Optional[torch.Tensor]:
     live = place.tensor
     if value.shape != live.shape and not (not place.is_parameter and _resizes_its_buffers(place.module)):
@@ -295,11 +344,6 @@ def _checked_value(
             )
         )
         return None
-    if check_values and place.name in ("running_mean", "running_var") and tracks_running_stats(place.module):
-        bad = _bad_values(key, value)
-        if bad is not None:
-            plan.mismatches.append(bad)
-            return None
     if live.device.type != "meta" and (value.device != live.device or value.dtype != live.dtype):
         value = value.to(device=live.device, dtype=live.dtype)
     return value

@@ -46,6 +46,10 @@ RUNNING_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 #: Owner name of the base model's own values.
 BASE = None
 
+#: What :meth:`ModelView.kind` says a module is: part of the base model, a tuner layer, a modules_to_save wrapper.
+PLAIN, PARTIAL, OWNED = "plain", "partial", "owned"
+_KINDS: dict[tuple, dict[type, str]] = {}  # (owned_types, partial_types) -> class -> kind
+
 # Wrapper modules whose name torch leaves out of state-dict keys (FSDP, activation checkpointing).
 _TRANSPARENT_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
@@ -153,19 +157,35 @@ class ModelView:
     partial_children: tuple[str, ...] = ("base_layer",)
     owned_children: tuple[str, ...] = ("original_module",)
 
+    def kind(self, module: nn.Module) -> int:
+        """:data:`PLAIN`, :data:`PARTIAL` (a tuner layer) or :data:`OWNED` (a ``modules_to_save`` wrapper).
+
+        Decided once per class (``isinstance`` on PEFT's abstract classes is slow, and a walk asks per module).
+        """
+        kinds = _KINDS.setdefault((self.owned_types, self.partial_types), {})
+        cls = type(module)
+        kind = kinds.get(cls)
+        if kind is None:
+            kind = kinds[cls] = (PARTIAL if issubclass(cls, self.partial_types) else
+                                 OWNED if issubclass(cls, self.owned_types) else PLAIN)
+        return kind
+
     def wrapper_children(self, module: nn.Module) -> Optional[tuple[str, ...]]:
         """The children of ``module`` that belong to the base model, when ``module`` is a PEFT wrapper."""
-        if isinstance(module, self.partial_types):
-            return self.partial_children
-        if isinstance(module, self.owned_types):
-            return self.owned_children
-        return None
+        kind = self.kind(module)
+        return None if kind is PLAIN else self.partial_children if kind is PARTIAL else self.owned_children
 
-    def modules(self) -> list[tuple[str, str, str, nn.Module]]:
-        """``(live prefix, saved prefix, base prefix, module)`` for every base-model module, in order, each once."""
+    def walk(self) -> tuple[list[tuple[str, str, str, nn.Module]], set[str]]:
+        """Every base-model module as :meth:`modules` gives it, and the live prefixes of what adapters own.
+
+        The second item holds ``"<live path of a wrapper>.<child>."`` for every child of a tuner layer or
+        ``modules_to_save`` wrapper that is not the base module it wraps (``lora_A.``, ``modules_to_save.``):
+        a state-dict key under one of them is PEFT's, which :func:`~._load_plan.plan_load` tells in O(1).
+        """
         found: list[tuple[str, str, str, nn.Module]] = []
+        adapter_prefixes: set[str] = set()
         seen: set[int] = set()
-        owned, partial = self.owned_types, self.partial_types
+        kind_of = self.kind
         partial_children, owned_children = self.partial_children, self.owned_children
 
         # Depth first, children in order, each module once (at its first place). A loop, not a recursive
@@ -176,23 +196,34 @@ class ModelView:
             if id(module) in seen:
                 continue
             seen.add(id(module))
-            is_owned = isinstance(module, owned)
-            if not is_owned:  # an owned wrapper's own tensors are PEFT's
+            kind = kind_of(module)
+            if kind is not OWNED:  # an owned wrapper's own tensors are PEFT's
                 found.append((live, saved, canon, module))
-            allowed = owned_children if is_owned else partial_children if isinstance(module, partial) else None
             children = []
-            for name, child in module._modules.items():
-                if child is None:
-                    continue
-                if allowed is not None:
+            if kind is PLAIN:
+                for name, child in module._modules.items():
+                    if child is None:
+                        continue
+                    if name in _TRANSPARENT_SEGMENTS:
+                        children.append((live, saved, canon, child))
+                    else:
+                        children.append((f"{live}{name}.", f"{saved}{name}.", f"{canon}{name}.", child))
+            else:
+                allowed = owned_children if kind is OWNED else partial_children
+                for name, child in module._modules.items():
+                    if child is None:
+                        continue
                     if name in allowed:
-                        children.append((f"{live}{name}.", saved if is_owned else f"{saved}{name}.", canon, child))
-                elif name in _TRANSPARENT_SEGMENTS:
-                    children.append((live, saved, canon, child))
-                else:
-                    children.append((f"{live}{name}.", f"{saved}{name}.", f"{canon}{name}.", child))
+                        children.append((f"{live}{name}.", saved if kind is OWNED else f"{saved}{name}.", canon,
+                                         child))
+                    else:
+                        adapter_prefixes.add(f"{live}{name}.")
             stack.extend(reversed(children))
-        return found
+        return found, adapter_prefixes
+
+    def modules(self) -> list[tuple[str, str, str, nn.Module]]:
+        """``(live prefix, saved prefix, base prefix, module)`` for every base-model module, in order, each once."""
+        return self.walk()[0]
 
 
 @dataclass
@@ -202,6 +233,7 @@ class BaseTensors:
     buffers: dict[str, TensorPlace]
     parameters: dict[str, TensorPlace]
     ordered: dict[str, TensorPlace]  # both, in state-dict order
+    adapter_prefixes: frozenset = frozenset()  # see ModelView.walk
 
     def get(self, key: str) -> Optional[TensorPlace]:
         return self.ordered.get(key)
@@ -224,7 +256,8 @@ def find_base_tensors(view: ModelView) -> BaseTensors:
     parameters: dict[str, TensorPlace] = {}
     ordered: dict[str, TensorPlace] = {}
     seen: set[int] = set()
-    for live, saved, canon, module in view.modules():
+    modules, adapter_prefixes = view.walk()
+    for live, saved, canon, module in modules:
         for name, param in module._parameters.items():
             if param is None or id(param) in seen:
                 continue
@@ -238,7 +271,7 @@ def find_base_tensors(view: ModelView) -> BaseTensors:
             seen.add(id(buf))
             place = TensorPlace(canon + name, module, name, False, live + name, saved + name)
             buffers[place.key] = ordered[place.key] = place
-    return BaseTensors(buffers, parameters, ordered)
+    return BaseTensors(buffers, parameters, ordered, frozenset(adapter_prefixes))
 
 
 def find_running_stats(view: ModelView) -> dict[str, TensorPlace]:

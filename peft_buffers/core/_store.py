@@ -23,20 +23,22 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable, Dict, Iterable, Mapping, Optional
+from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ._state import BASE, BaseTensors, ModelView, TensorPlace
+from ._state import BASE, BaseTensors, ModelView, TensorPlace, find_base_tensors
 
-__all__ = ["ExtraStateStore", "install_optimizer_hook", "remove_optimizer_hook", "same_bytes"]
+__all__ = ["ExtraStateStore", "host_copies", "install_optimizer_hook", "remove_optimizer_hook", "same_bytes"]
 
 
-def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]], cache: Optional[dict] = None) -> list[bool]:
     """For each ``(a, b)``: True when both hold exactly the same bits (NaN == NaN; shape and dtype must match).
 
-    On the CPU each pair is compared directly; on an accelerator all pairs of one device are compared with
-    one concatenation and one host sync, not one sync per tensor.
+    All pairs of one device are compared at once: one concatenation of each side and one host sync, not one
+    comparison (and, on an accelerator, one sync) per tensor. On the CPU a single ``torch.equal`` settles the
+    common case where nothing differs; only then are the pairs told apart. ``cache``: a dict of the caller's
+    (a store's) where the segment layout of the last comparisons is kept for the next.
 
     Example:
         >>> same_bytes([(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("nan")])),
@@ -50,33 +52,35 @@ def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
             continue
         if a.numel() == 0:
             result[i] = True
-        elif a.device.type == "cpu":
-            result[i] = bool(torch.equal(_as_bytes(a), _as_bytes(b)))
         else:
             groups.setdefault(a.device, []).append(i)
     for device, indices in groups.items():
         lefts = [_as_bytes(pairs[i][0]) for i in indices]
+        left, right = torch.cat(lefts), torch.cat([_as_bytes(pairs[i][1]) for i in indices])
+        if device.type == "cpu" and torch.equal(left, right):
+            for i in indices:
+                result[i] = True
+            continue
         sizes = tuple(t.numel() for t in lefts)
-        differs = (torch.cat(lefts) != torch.cat([_as_bytes(pairs[i][1]) for i in indices])).to(torch.int32)
         counts = torch.zeros(len(indices), dtype=torch.int32, device=device)
-        counts.index_add_(0, _segment_ids(device, sizes), differs)
+        counts.index_add_(0, _segment_ids(device, sizes, cache), (left != right).to(torch.int32))
         for i, n in zip(indices, counts.tolist()):
             result[i] = n == 0
     return result
 
 
-_SEGMENTS: Dict[tuple, torch.Tensor] = {}
-
-
-def _segment_ids(device: torch.device, sizes: tuple[int, ...]) -> torch.Tensor:
-    """``[0]*sizes[0] + [1]*sizes[1] + ...`` on ``device``, kept for the next call with the same layout."""
+def _segment_ids(device: torch.device, sizes: tuple[int, ...], cache: Optional[dict]) -> torch.Tensor:
+    """``[0]*sizes[0] + [1]*sizes[1] + ...`` on ``device``, kept in ``cache`` (a store's own: a module-level one
+    would keep dropped models' layouts) for the next call with the same layout."""
     key = (device, sizes)
-    ids = _SEGMENTS.get(key)
+    ids = cache.get(key) if cache is not None else None
     if ids is None:
-        if len(_SEGMENTS) > 8:
-            _SEGMENTS.clear()
         counts = torch.tensor(sizes, device=device)
-        ids = _SEGMENTS[key] = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+        ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts, output_size=sum(sizes))
+        if cache is not None:
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = ids
     return ids
 
 
@@ -85,6 +89,9 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     return tensor.view(-1).view(torch.uint8)
+
+
+_TRANSIENT = ("_lock", "_segments")  # store attributes that are not state: never snapshotted nor pickled
 
 
 class ExtraStateStore:
@@ -119,17 +126,28 @@ class ExtraStateStore:
         self.unattributed: Dict[str, str] = {}  # key -> why no adapter could own its change
         self.unknown_base: set[str] = set()  # parameters claimed before their base value was known
         self.warned: set[str] = set()
-        self.disabled_depth = 0
+        self.disabled_depth = 0  # open disable contexts: the base model's values are live inside them
+        self.layers_disabled = False  # the adapter layers were switched off (the method form of disabling)
+        self.unloaded = False  # the adapters were removed from the model: the base model's values stay live
+        self.joint: tuple[str, ...] = ()  # other owners active together with ``live`` (their state is not live)
+        self.joint_changes: Dict[str, tuple[str, ...]] = {}  # key -> every owner active when it changed
+        self._unshared: set[str] = set()  # joint changes not yet copied to the other owners of the group
         self._lock = threading.RLock()
+        self._segments: dict = {}  # same_bytes' layouts (a cache: never snapshotted or pickled)
 
     # -- capture
     def capture(self, found: BaseTensors) -> None:
-        """Take the base values: a copy of every buffer, the version of every parameter (at attach)."""
+        """Take the base values: a copy of every buffer, the version of every parameter (at attach).
+
+        The buffers are copied with one concatenation per device and dtype and kept there (:class:`_Slot`):
+        no tensor object per buffer until one is asked for, and :meth:`settle` compares a whole group at once.
+        """
         with self._lock:
-            self.reference.update(_copies({k: p.tensor for k, p in found.buffers.items() if k not in self.reference}))
+            self.reference.update(_flat_copies({k: p.tensor for k, p in found.buffers.items()
+                                                if k not in self.reference}))
             for key, place in found.parameters.items():
                 tensor = place.tensor
-                self.versions.setdefault(key, (id(tensor), tensor._version))
+                self.versions.setdefault(key, _version_of(tensor))
             _index_parameters(self, found.parameters)
 
     def capture_parameter(self, key: str, param: torch.Tensor) -> None:
@@ -154,6 +172,14 @@ class ExtraStateStore:
     def owned_keys(self, owner: Optional[str]) -> set[str]:
         return set(self.owned.get(owner, ()))
 
+    def base_value(self, key: str) -> Optional[torch.Tensor]:
+        """The base value of ``key`` peft_buffers knows (a copy taken at attach or before the first optimizer
+        step), or None when none was taken (a parameter never stepped: its live value is its base value)."""
+        ref = self.reference.get(key)
+        if type(ref) is _Slot:
+            ref = self.reference[key] = ref.tensor()
+        return ref
+
     # -- finding changes
     def settle(self, found: BaseTensors, peft_keys: Callable[[Mapping[str, torch.Tensor]], set] = lambda c: set()):
         """Attribute every tensor that changed since the base values were taken to the live owner.
@@ -162,10 +188,13 @@ class ExtraStateStore:
         and returns the keys PEFT saves itself (those are PEFT's, not extra state). Returns the keys claimed.
         """
         with self._lock:
+            if getattr(self, "_adopt_pending", False):
+                self._adopt(found)
             live = self.live
             own = self.owned.get(live, set()) if live is not BASE else set()
             changed: dict[str, TensorPlace] = {}
             pairs, keys = [], []
+            groups: dict[int, list] = {}  # id(flat) -> [(key, place, slot)]: compared a group at a time
             for table in (found.buffers, found.parameters):
                 for key, place in table.items():
                     if key in own:
@@ -178,11 +207,18 @@ class ExtraStateStore:
                             changed[key] = place
                         continue
                     live_tensor = place.tensor.detach()
+                    if type(ref) is _Slot and ref.fits(live_tensor):
+                        groups.setdefault(id(ref.flat), []).append((key, place, ref))
+                        continue
+                    ref = self.base_value(key)
                     if ref.dtype != live_tensor.dtype or ref.device != live_tensor.device:
                         ref = self._recast_reference(key, live_tensor)
                     pairs.append((live_tensor, ref))
                     keys.append((key, place))
-            for (key, place), same in zip(keys, same_bytes(pairs)):
+            for members in groups.values():
+                for key, place in _changed_in_group(members, self._segments):
+                    changed[key] = place
+            for (key, place), same in zip(keys, same_bytes(pairs, self._segments)):
                 if not same:
                     changed[key] = place
             params = {k: p.tensor for k, p in changed.items() if p.is_parameter}
@@ -198,19 +234,22 @@ class ExtraStateStore:
             return set(changed)
 
     def _version_changed(self, key: str, tensor: torch.Tensor) -> bool:
+        """Whether a parameter without a known base value was changed in place since last seen (its version
+        counter moved). Only a trainable parameter counts: a frozen one whose counter moves is being re-bound
+        or re-registered by a library (a parametrization's ``set_``, a quantizer), not trained."""
         seen = self.versions.get(key)
-        now = (id(tensor), tensor._version)
+        now = _version_of(tensor)
         if seen is None or seen == now:
             self.versions[key] = now
             return False
-        if seen[0] != id(tensor) and not tensor.requires_grad:
-            self.versions[key] = now  # replaced, not trained (quantized, sharded or re-created): a new baseline
+        if not tensor.requires_grad or now[1] is None:
+            self.versions[key] = now  # replaced or re-bound, not trained (or an inference tensor: no counter)
             return False
         return True
 
     def _recast_reference(self, key: str, live: torch.Tensor) -> torch.Tensor:
         # The model was cast or moved after the base values were taken: compare in the new dtype and device.
-        ref = self.reference[key].to(device=live.device, dtype=live.dtype)
+        ref = self.base_value(key).to(device=live.device, dtype=live.dtype)
         self.reference[key] = ref
         return ref
 
@@ -218,7 +257,7 @@ class ExtraStateStore:
         tensor = place.tensor
         if key in self.reference:
             self.reference[key] = tensor.detach().clone()
-        self.versions[key] = (id(tensor), tensor._version)
+        self.versions[key] = _version_of(tensor)
 
     # -- changes
     def claim(self, places: Mapping[str, TensorPlace], trainable: bool = True) -> None:
@@ -227,11 +266,15 @@ class ExtraStateStore:
             return
         with self._lock:
             owned = self.owned.setdefault(self.live, set())
+            if self.joint:  # several owners were active: the change belongs to each of them
+                for key in places:
+                    self.joint_changes[key] = (self.live, *self.joint)
+                self._unshared.update(places)
             for key, place in places.items():
                 self.places.setdefault(key, place)
                 if key in owned:
                     continue
-                ref = self.reference.get(key)
+                ref = self.base_value(key)
                 if ref is None:  # changed in place outside an optimizer before its base value was known
                     self.unknown_base.add(key)
                     ref = place.tensor.detach()
@@ -265,6 +308,57 @@ class ExtraStateStore:
                 if place.is_parameter:
                     live.requires_grad_(trainable)
 
+    def share_joint(self) -> None:
+        """Give each owner of the active group its own copy of what changed while the group was active.
+
+        The live tensors hold the first owner's values; the others get copies, so each carries the joint
+        change from now on (in its file, and once it is live on its own).
+        """
+        with self._lock:
+            if not self._unshared or not self.joint:
+                self._unshared.clear()
+                return
+            live_owner = self.live
+            for key in sorted(self._unshared):
+                place = self.places[key]
+                value = place.tensor.detach()
+                trainable = self.trainable.get(live_owner, {}).get(key, False)
+                for member in self.joint:
+                    self.owned.setdefault(member, set()).add(key)
+                    self.stored.setdefault(member, {})[key] = value.clone()
+                    if place.is_parameter:
+                        self.trainable.setdefault(member, {})[key] = trainable
+            self._unshared.clear()
+
+    def replace_values(self, owner: str, values: Mapping[str, tuple[TensorPlace, torch.Tensor]]) -> None:
+        """Make ``values`` all of ``owner``'s own values, written into the tensors that hold them now (no new
+        tensor where one exists: a compiled model keeps its graph). Keys ``owner`` owned that ``values`` lacks go
+        back to the base model's value.
+        """
+        with self._lock:
+            owned = self.owned.setdefault(owner, set())
+            stored = self.stored.setdefault(owner, {})
+            live = owner == self.live
+            for key in sorted(owned - set(values)):
+                owned.discard(key)
+                if live:
+                    self.places[key].tensor.data.copy_(self.stored[BASE].pop(key))
+                else:
+                    stored.pop(key, None)
+            with torch.no_grad():
+                for key, (place, value) in values.items():
+                    self.places.setdefault(key, place)
+                    if live:
+                        tensor = place.tensor
+                        if key not in owned:  # the live value is the base model's: keep it
+                            self.stored[BASE][key] = tensor.detach().clone()
+                        tensor.copy_(value)
+                    elif key in stored:
+                        stored[key].copy_(value)
+                    else:
+                        stored[key] = value.clone()
+                    owned.add(key)
+
     def switch(self, target: Optional[str]) -> None:
         """Make ``target``'s values live (``BASE`` for the base model's own), swapping storage in place."""
         if target == self.live:
@@ -279,7 +373,7 @@ class ExtraStateStore:
                 live.data = self.stored[new].pop(key)
                 if place.is_parameter:
                     live.requires_grad_(self.trainable.get(new, {}).get(key, False))
-                    self.versions[key] = (id(live), live._version)
+                    self.versions[key] = _version_of(live)
             self.live = target
 
     def forget(self, owner: str) -> None:
@@ -290,18 +384,19 @@ class ExtraStateStore:
             self.owned.pop(owner, None)
             self.stored.pop(owner, None)
             self.trainable.pop(owner, None)
+            self.joint = tuple(name for name in self.joint if name != owner)
 
     # -- atomic loads (see _transaction.py): everything a failed load may have changed, put back
     def __peft_buffers_snapshot__(self) -> Callable[[], None]:
         """A closure that restores this store and the live tensors it manages to their state now."""
         with self._lock:
-            state = {name: _copy_nested(value) for name, value in vars(self).items() if name != "_lock"}
+            state = {name: _copy_nested(value) for name, value in vars(self).items() if name not in _TRANSIENT}
             live_data = {key: (place, place.tensor.data, place.tensor.requires_grad)
                          for key, place in self.places.items()}
 
         def restore() -> None:
             with self._lock:
-                for name in [n for n in vars(self) if n != "_lock"]:
+                for name in [n for n in vars(self) if n not in _TRANSIENT]:
                     if name not in state:
                         delattr(self, name)
                 vars(self).update(state)
@@ -314,13 +409,16 @@ class ExtraStateStore:
         return restore
 
     def __getstate__(self) -> dict:  # picklable with the model (torch.save(model)); locks are not
-        state = dict(vars(self))
-        state.pop("_lock", None)
-        return state
+        return {name: value for name, value in vars(self).items() if name not in _TRANSIENT}
 
     def __setstate__(self, state: dict) -> None:
+        defaults = ExtraStateStore.__new__(ExtraStateStore)
+        ExtraStateStore.__init__(defaults)  # attributes a store pickled by an older release lacks
+        vars(self).update({k: v for k, v in vars(defaults).items() if k not in _TRANSIENT})
         vars(self).update(state)
         self._lock = threading.RLock()
+        self._segments = {}
+        self._adopt_pending = True  # unpickled: the parameters are new tensors (see _adopt)
 
     def __deepcopy__(self, memo: dict) -> ExtraStateStore:
         import copy
@@ -328,25 +426,109 @@ class ExtraStateStore:
         clone = ExtraStateStore.__new__(ExtraStateStore)
         memo[id(self)] = clone
         clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        if clone.view is not None:  # the copied base model is complete by now (it comes before the store)
+            clone._adopt(find_base_tensors(clone.view))
         return clone
 
+    def _adopt(self, found: BaseTensors) -> None:
+        """Take a copied model's parameters as this store's: their versions as the baseline, each indexed for
+        the optimizer hook, and the value of every trainable parameter whose base value was not taken yet (it
+        was never stepped, so its value now is its base value; an EMA copy updated in place is then compared
+        with it like any other change)."""
+        with self._lock:
+            own = self.owned.get(self.live, ())
+            for key, place in found.parameters.items():
+                tensor = place.tensor
+                self.versions[key] = _version_of(tensor)
+                if tensor.requires_grad and key not in self.reference and key not in own:
+                    self.reference[key] = tensor.detach().clone()
+            _index_parameters(self, found.parameters)
+            self._adopt_pending = False
 
-def _copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Independent copies of ``tensors``: one concatenation per device and dtype (not one copy kernel each),
-    returned as views into it."""
+
+def _version_of(tensor: torch.Tensor) -> tuple[int, Optional[int]]:
+    """``(id, version counter)``; an inference tensor has no counter (None)."""
+    return id(tensor), (None if tensor.is_inference() else tensor._version)
+
+
+class _Slot:
+    """A base value kept inside a flat copy of many (see :func:`_flat_copies`): no tensor object until asked."""
+
+    __slots__ = ("flat", "offset", "numel", "shape")
+
+    def __init__(self, flat: torch.Tensor, offset: int, numel: int, shape: torch.Size):
+        self.flat, self.offset, self.numel, self.shape = flat, offset, numel, shape
+
+    def tensor(self) -> torch.Tensor:
+        return self.flat.narrow(0, self.offset, self.numel).view(self.shape)
+
+    def fits(self, live: torch.Tensor) -> bool:
+        flat = self.flat
+        return live.dtype == flat.dtype and live.device == flat.device and live.shape == self.shape
+
+    def __deepcopy__(self, memo: dict) -> _Slot:  # a deep-copied store gets its own flat copy, shared by its slots
+        import copy
+
+        return _Slot(copy.deepcopy(self.flat, memo), self.offset, self.numel, self.shape)
+
+
+def _flat_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, Union[torch.Tensor, _Slot]]:
+    """Copies of ``tensors``: one concatenation per device and dtype, a :class:`_Slot` into it per tensor."""
     groups: Dict[tuple, list[str]] = {}
     for key, tensor in tensors.items():
         groups.setdefault((tensor.device, tensor.dtype), []).append(key)
-    copies: dict[str, torch.Tensor] = {}
+    copies: dict[str, Union[torch.Tensor, _Slot]] = {}
     for keys in groups.values():
         parts = [tensors[k].detach() for k in keys]
         if len(parts) == 1:
             copies[keys[0]] = parts[0].clone()
             continue
         flat = torch.cat([t.reshape(-1) for t in parts])
-        for key, part, piece in zip(keys, parts, flat.split([t.numel() for t in parts])):
-            copies[key] = piece.view(part.shape)
+        offset = 0
+        for key, part in zip(keys, parts):
+            numel = part.numel()
+            copies[key] = _Slot(flat, offset, numel, part.shape)
+            offset += numel
     return copies
+
+
+def _changed_in_group(members: list, cache: Optional[dict] = None) -> list:
+    """``(key, place)`` of the members whose live value differs from its slot; all slots of one flat copy.
+
+    When the members are the whole flat copy, in order, the live values are concatenated and compared with it
+    in one go; otherwise each member is compared with its slot.
+    """
+    flat = members[0][2].flat
+    whole = members[0][2].offset == 0 and sum(slot.numel for _, _, slot in members) == flat.numel()
+    if whole and all(a[2].offset + a[2].numel == b[2].offset for a, b in zip(members, members[1:])):
+        live = torch.cat([place.tensor.detach().reshape(-1) for _, place, _ in members])
+        if torch.equal(_as_bytes(live), _as_bytes(flat)):
+            return []
+    pairs = [(place.tensor.detach(), slot.tensor()) for _, place, slot in members]
+    return [(key, place) for (key, place, _), same in zip(members, same_bytes(pairs, cache)) if not same]
+
+
+def host_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every accelerator tensor copied to the CPU: one device-to-host copy per device and dtype
+    (a concatenation), not one transfer and sync per tensor; CPU tensors are passed through. Each result owns
+    its storage.
+
+    Example:
+        >>> out = host_copies({"a": torch.ones(2), "b": torch.zeros(1, 3)})
+        >>> {k: tuple(v.shape) for k, v in out.items()}
+        {'a': (2,), 'b': (1, 3)}
+    """
+    result = dict(tensors)
+    groups: Dict[tuple, list[str]] = {}
+    for key, tensor in tensors.items():
+        if tensor.device.type != "cpu":
+            groups.setdefault((tensor.device, tensor.dtype), []).append(key)
+    for keys in groups.values():
+        parts = [tensors[k].detach() for k in keys]
+        flat = torch.cat([t.reshape(-1) for t in parts]).cpu()
+        for key, part, piece in zip(keys, parts, flat.split([t.numel() for t in parts])):
+            result[key] = piece.view(part.shape).clone()
+    return result
 
 
 def _copy_nested(value):

@@ -1,33 +1,37 @@
-"""Atomic loads: snapshot a model cheaply, roll it back exactly if the load fails (issue 10).
+"""Atomic loads: snapshot a model cheaply, roll it back exactly if the load fails.
 
 Plain torch; knows nothing about PEFT. What a snapshot holds, and why that is enough for a load:
 
-- The module tree. For every module reachable from the root: its ``__dict__`` mapping (attribute -> object)
-  and a shallow copy of every container value in it (dict, OrderedDict, list, set: ``_modules``,
-  ``_parameters``, ``_buffers``, hook dicts, per-adapter dicts such as PEFT's ``r``/``scaling``,
-  ``peft_config``, ``active_adapters`` lists...). Restoring puts the *same* container objects back with their
-  old contents (others hold references to them) and deletes attributes that were added, so wrappers injected
-  by the load vanish, the original module objects are back in place and ``training`` flags are restored.
+- The module tree. For every module reachable from the root, its ``__dict__`` mapping (attribute -> object)
+  and a shallow copy of its ``_modules``, ``_parameters`` and ``_buffers``. Restoring puts the *same* objects
+  back (others hold references to them) and deletes attributes that were added, so wrappers injected by the
+  load vanish, the original module objects are back in place and ``training`` flags are restored.
+- For the modules the caller marks as *deep* (``deep(cls)``; PEFT's own classes, through the binding: tuner
+  layers, wrappers, the ``PeftModel``), also a shallow copy of every other container in their ``__dict__``
+  (hook dicts, per-adapter dicts such as PEFT's ``r``/``scaling``, ``peft_config``, ``active_adapters``
+  lists...), and objects there that define ``__peft_buffers_snapshot__()`` (returning a callable that restores
+  them) are snapshotted through it. Without ``deep`` every module is deep. A load changes the base model's
+  modules only through their children, tensors and flags, so the light snapshot keeps the cost per module
+  to a few dict copies.
 - Every parameter's ``requires_grad``.
 - Tensor values only where a load can write: the tensors the caller names (``extra_tensors`` /
-  :meth:`Transaction.protect`) and whatever goes through ``load_state_dict`` on a module of the tree. During
-  the transaction every module's ``load_state_dict`` is shadowed by an instance attribute (removed afterwards)
-  that clones the live tensors named by the incoming keys, optionally validates the incoming tensors against
-  them, and then delegates. Base weights are never copied unless the incoming state dict names them.
-- Objects in a module's ``__dict__`` that define ``__peft_buffers_snapshot__()`` (returning a callable that
-  restores them) are snapshotted through it.
+  :meth:`Transaction.protect`) and whatever goes through ``load_state_dict`` on a module of the tree. While a
+  transaction is open, ``nn.Module.load_state_dict`` is intercepted (once, at the class: no per-module set-up)
+  for the modules of the snapshot: the live tensors named by the incoming keys are cloned, the incoming
+  tensors optionally validated against them, and then the load proceeds. Base weights are never copied unless
+  the incoming state dict names them.
 
 Not covered (documented limits): tensors written in place other than through ``load_state_dict`` and not named
 by the caller; mutations inside non-container objects (config objects are restored by identity, not
-content); containers nested inside containers (one level is copied); modules reachable only through
-non-``_modules`` references.
+content); containers nested inside containers (one level is copied); hook dicts and other containers of
+modules that are not deep; modules reachable only through non-``_modules`` references; a ``load_state_dict``
+override that does not call ``nn.Module.load_state_dict``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import sys
 import threading
 import weakref
@@ -43,7 +47,6 @@ __all__ = ["Transaction", "active_transaction", "atomic", "exclusive", "run_atom
 T = TypeVar("T")
 Validator = Callable[[nn.Module, Mapping[str, Any], Mapping[str, torch.Tensor], bool], None]
 SNAPSHOT_HOOK = "__peft_buffers_snapshot__"
-_SHADOW = "load_state_dict"
 _CONTAINERS = (dict, list, set)
 _PLAIN = frozenset({bool, int, float, str, bytes, tuple, type(None), torch.Tensor, nn.Parameter, torch.dtype,
                     torch.device})  # attribute values that are neither containers nor snapshot objects
@@ -155,26 +158,55 @@ class Transaction:
         True
     """
 
-    def __init__(self, root: nn.Module, describe: Optional[str], validate: Optional[Validator]):
+    def __init__(self, root: nn.Module, describe: Optional[str], validate: Optional[Validator],
+                 deep: Optional[Callable[[type], bool]] = None):
         self.root = root
         self.describe = describe
         self.validate = validate
         self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (live tensor, clone)
         self._modules: list[_ModuleState] = []
+        self._light: list[tuple[nn.Module, dict, dict, dict, dict]] = []
         self._requires_grad: list[tuple[torch.Tensor, bool]] = []
         self._restorers: list[Callable[[], None]] = []
-        self._shadowed: list[tuple[nn.Module, Any]] = []
         self._existing: set[int] = set()  # ids of the tensors there at the start: only those can need a clone
+        self.module_ids: set[int] = set()  # the modules whose load_state_dict is intercepted
+        self.memo: dict[str, Any] = {}  # for the caller: what it already did during this load (checked files)
         self.open = True
         self.thread = threading.get_ident()  # the only thread that joins it
         with _no_gc():  # thousands of small copies would trigger full collections of a large heap
-            self._snapshot(root)
+            self._snapshot(root, deep)
 
-    def _snapshot(self, root: nn.Module) -> None:
-        seen_params: set[int] = set()
+    def _snapshot(self, root: nn.Module, deep: Optional[Callable[[type], bool]]) -> None:
         seen_hooks: set[int] = set()
-        for module in root.modules():
+        depth: dict[type, bool] = {}
+        ids = self.module_ids
+        existing = self._existing
+        requires_grad = self._requires_grad
+        light = self._light
+        stack = [root]
+        while stack:
+            module = stack.pop()
+            if module is None or id(module) in ids:
+                continue
+            ids.add(id(module))
             attrs = module.__dict__.copy()
+            children, parameters, buffers = attrs["_modules"], attrs["_parameters"], attrs["_buffers"]
+            stack.extend(children.values())
+            for param in parameters.values():
+                if param is not None and id(param) not in existing:
+                    existing.add(id(param))
+                    requires_grad.append((param, param.requires_grad))
+            for buffer in buffers.values():
+                if buffer is not None:
+                    existing.add(id(buffer))
+            cls = type(module)
+            is_deep = depth.get(cls)
+            if is_deep is None:
+                is_deep = depth[cls] = deep is None or deep(cls)
+            if not is_deep and module is not root:  # the root holds what a load addresses: always in full
+                light.append((module, attrs, children.copy() if children else None,
+                              parameters.copy() if parameters else None, buffers.copy() if buffers else None))
+                continue
             contents = []
             for value in attrs.values():
                 kind = type(value)
@@ -189,12 +221,6 @@ class Transaction:
                     seen_hooks.add(id(value))
                     self._restorers.append(hook(value))
             self._modules.append(_ModuleState(module, attrs, contents))
-            for param in module._parameters.values():
-                if param is not None and id(param) not in seen_params:
-                    seen_params.add(id(param))
-                    self._requires_grad.append((param, param.requires_grad))
-            self._existing.update(id(b) for b in module._buffers.values() if b is not None)
-        self._existing |= seen_params
 
     # ------------------------------------------------------------------ what a load may write
 
@@ -214,26 +240,6 @@ class Transaction:
                 continue  # nothing to keep; a load assigns a new tensor in its place
             with torch.no_grad():
                 self._saved[id(tensor)] = (tensor, tensor.detach().clone())
-
-    def _shadow_load_state_dict(self) -> None:
-        for state in self._modules:
-            module = state.module
-            previous = module.__dict__.get(_SHADOW, _MISSING)
-            module.__dict__[_SHADOW] = _Interceptor(self, module, getattr(module, _SHADOW))
-            self._shadowed.append((module, previous))
-
-    def _unshadow(self) -> None:
-        for module, previous in reversed(self._shadowed):
-            if previous is _MISSING:
-                module.__dict__.pop(_SHADOW, None)
-            else:
-                module.__dict__[_SHADOW] = previous
-        self._shadowed.clear()
-        # copies made during the load (PEFT deep-copies modules for modules_to_save) carry an interceptor too
-        for module in self.root.modules():
-            value = module.__dict__.get(_SHADOW)
-            if isinstance(value, _Interceptor) and value.transaction is self:
-                del module.__dict__[_SHADOW]
 
     def _before_load(self, module: nn.Module, state_dict: Mapping[str, Any], assign: bool) -> None:
         live, to_clone = _incoming_targets(module, list(state_dict))
@@ -256,9 +262,10 @@ class Transaction:
             >>> len(net)
             1
         """
-        self._unshadow()
         for state in self._modules:
             state.restore()
+        for module, attrs, children, parameters, buffers in self._light:
+            _restore_light(module, attrs, children, parameters, buffers)
         for param, requires_grad in self._requires_grad:
             if param.requires_grad != requires_grad:
                 param.requires_grad_(requires_grad)
@@ -272,32 +279,56 @@ class Transaction:
             restorer()
 
 
-class _Interceptor:
-    """Shadows ``module.load_state_dict`` during a transaction: protect and check, then delegate."""
+def _restore_light(module: nn.Module, attrs: dict, children: Optional[dict], parameters: Optional[dict],
+                   buffers: Optional[dict]) -> None:
+    live = module.__dict__
+    for name in [name for name in live if name not in attrs]:
+        del live[name]
+    for name, value in attrs.items():
+        if live.get(name, _MISSING) is not value:
+            live[name] = value
+    for container, saved in ((attrs["_modules"], children), (attrs["_parameters"], parameters),
+                             (attrs["_buffers"], buffers)):
+        saved = saved or {}  # None: it was empty
+        if len(container) != len(saved) or any(container.get(k, _MISSING) is not v for k, v in saved.items()):
+            container.clear()
+            container.update(saved)
 
-    __slots__ = ("transaction", "module", "original")
 
-    def __init__(self, transaction: Transaction, module: nn.Module, original: Callable):
-        self.transaction, self.module, self.original = transaction, module, original
+# While any transaction is open, nn.Module.load_state_dict is replaced, once, at the class: a call on a module
+# of an open transaction's snapshot protects and checks what it will write, then loads.
+_open: list[Transaction] = []
+_original_load_state_dict: Optional[Callable] = None
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        state_dict = args[0] if args else kwargs.get("state_dict", {})
-        assign = False
-        try:  # only when called: inspecting every module's signature up front would cost more than a load
-            assign = bool(inspect.signature(self.original).bind_partial(*args, **kwargs).arguments.get("assign"))
-        except (TypeError, ValueError):
-            pass
-        if self.transaction.open:  # a copy kept beyond the transaction just loads
-            self.transaction._before_load(self.module, state_dict, assign)
-        return self.original(*args, **kwargs)
 
-    def __deepcopy__(self, memo: dict) -> Any:
-        # A module deep-copied during the transaction gets an interceptor of its own copy, never one that
-        # loads into the original; it is removed when the transaction ends.
-        copy = memo.get(id(self.module))
-        if copy is None:
-            return self
-        return _Interceptor(self.transaction, copy, getattr(type(copy), _SHADOW).__get__(copy))
+def _intercepted_load_state_dict(self: nn.Module, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    for transaction in tuple(_open):
+        if transaction.open and id(self) in transaction.module_ids:
+            assign = kwargs.get("assign", args[1] if len(args) > 1 else False)
+            transaction._before_load(self, state_dict, bool(assign))
+            break
+    return _original_load_state_dict(self, state_dict, *args, **kwargs)
+
+
+def _open_transaction(transaction: Transaction) -> None:
+    global _original_load_state_dict
+    with _lock:
+        if not _open:
+            _original_load_state_dict = nn.Module.load_state_dict
+            nn.Module.load_state_dict = _intercepted_load_state_dict
+        _open.append(transaction)
+
+
+def _close_transaction(transaction: Transaction) -> None:
+    global _original_load_state_dict
+    with _lock:
+        transaction.open = False
+        if transaction in _open:
+            _open.remove(transaction)
+        if not _open and _original_load_state_dict is not None:
+            if nn.Module.__dict__.get("load_state_dict") is _intercepted_load_state_dict:
+                nn.Module.load_state_dict = _original_load_state_dict
+            _original_load_state_dict = None
 
 
 def active_transaction(root: nn.Module) -> Optional[Transaction]:
@@ -375,6 +406,7 @@ def atomic(
     extra_tensors: Union[Iterable[torch.Tensor], Mapping[str, torch.Tensor]] = (),
     describe: Optional[str] = None,
     validate: Any = _DEFAULT,
+    deep: Optional[Callable[[type], bool]] = None,
 ) -> Iterator[Transaction]:
     """Run the body as one load of ``root``: if it raises, ``root`` is restored exactly and the error re-raised.
 
@@ -382,7 +414,9 @@ def atomic(
     now). ``describe``: what is loaded, e.g. ``"adapter 'b' from /path"``; it goes into the note added to the
     re-raised exception (``add_note``; the exception keeps its type). ``validate(module, state_dict, live,
     assign)`` runs inside every intercepted ``load_state_dict`` before anything is written (default:
-    :func:`peft_buffers.core.check_state_dict_fits`, shapes and dtype kinds; None: no check).
+    :func:`peft_buffers.core.check_state_dict_fits`, shapes and dtype kinds; None: no check). ``deep(cls)``:
+    whether modules of class ``cls`` get the full snapshot (every container of their ``__dict__``) rather than
+    the light one (children, tensors, attributes); default: every module. The root always gets the full one.
 
     Nested on the same root in the same thread, the inner block joins the outer transaction (its tensors are
     protected by the outer one, which does the rollback when the inner block's exception reaches it). A
@@ -407,12 +441,12 @@ def atomic(
             outer.protect(extra_tensors)
             yield outer
             return
-        transaction = Transaction(root, describe, _default_validator() if validate is _DEFAULT else validate)
+        transaction = Transaction(root, describe, _default_validator() if validate is _DEFAULT else validate, deep)
         transaction.protect(extra_tensors)
         with _lock:
             _active[id(root)] = transaction
         try:
-            transaction._shadow_load_state_dict()
+            _open_transaction(transaction)
             yield transaction
         except BaseException as error:
             try:
@@ -423,8 +457,7 @@ def atomic(
             _annotate(error, f"peft_buffers: {what} failed; the model was rolled back to its state before it.")
             raise
         finally:
-            transaction.open = False
-            transaction._unshadow()
+            _close_transaction(transaction)
             with _lock:
                 _active.pop(id(root), None)
 

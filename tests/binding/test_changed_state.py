@@ -233,12 +233,24 @@ def test_training_while_no_adapter_is_active_warns_naming_the_tensors(enabled, t
 
 def test_a_parameter_changed_outside_an_optimizer_is_saved_and_said(enabled, tmp_path):
     model = lora("features")
+    model.get_base_model().pos_embed.requires_grad_(True)
     with torch.no_grad():
-        model.get_base_model().pos_embed.add_(1.0)  # an in-place edit no optimizer saw
+        model.get_base_model().pos_embed.add_(1.0)  # an in-place edit of a trainable parameter no optimizer saw
     with pytest.warns(UserWarning, match=r"outside an optimizer.*pos_embed"):
         model.save_pretrained(tmp_path, safe_serialization=True)
     assert PREFIX + "pos_embed" in saved(tmp_path)
     assert same_output(reload("features", tmp_path), model.eval(), "features")
+
+
+def test_a_frozen_parameter_re_bound_in_place_is_not_taken_for_training(enabled, tmp_path):
+    # PEFT 0.22's target_parameters layers register a parametrization at every forward, which calls
+    # `original.set_(...)` on the frozen base parameter: its version counter moves, its value does not.
+    model = lora("features")
+    weight = model.get_base_model().pos_embed
+    with torch.no_grad():
+        weight.set_(weight.detach().clone())
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert {k for k in saved(tmp_path) if "lora_" not in k} == set()
 
 
 def test_enable_after_creation_falls_back_to_all_statistics_and_says_so(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from peft_buffers.core import _store, _transaction
+from peft_buffers.core import _state, _store, _transaction
 
 CYCLES = 300
 
@@ -25,14 +25,21 @@ def make_base() -> nn.Module:
 
 
 def module_level_sizes() -> dict[str, int]:
+    """Every module-level table peft_buffers' core keeps (the module classes it has seen are not per model)."""
     return {"parameter index": len(_store._PARAMETER_INDEX), "optimizers checked": len(_store._checked),
-            "segment layouts": len(_store._SEGMENTS), "model locks": len(_transaction._root_locks),
-            "open transactions": len(_transaction._active)}
+            "model locks": len(_transaction._root_locks), "open transactions": len(_transaction._active),
+            "transactions intercepting loads": len(_transaction._open),
+            "module classes seen": sum(len(kinds) for kinds in _state._KINDS.values())}
+
+
+def per_model(sizes: dict[str, int]) -> dict[str, int]:
+    return {name: size for name, size in sizes.items() if name != "module classes seen"}
 
 
 def test_300_train_save_load_delete_cycles_leave_no_module_level_state(enabled, tmp_path):
     gc.collect()
-    assert module_level_sizes() == dict.fromkeys(module_level_sizes(), 0)
+    before = per_model(module_level_sizes())  # what models of earlier tests still alive hold: they stay
+    classes_seen = None
     was_enabled = gc.isenabled()
     gc.disable()  # everything must go when its last reference does, not when a collection runs
     try:
@@ -51,7 +58,10 @@ def test_300_train_save_load_delete_cycles_leave_no_module_level_state(enabled, 
             del model, loaded, optimizer
 
             assert [ref() for ref in gone] == [None] * 4, f"cycle {cycle}: a model outlived its last reference"
-            assert module_level_sizes() == dict.fromkeys(module_level_sizes(), 0), f"cycle {cycle}"
+            sizes = module_level_sizes()
+            assert per_model(sizes) == before, f"cycle {cycle}"
+            classes_seen = classes_seen or sizes["module classes seen"]
+            assert sizes["module classes seen"] == classes_seen, f"cycle {cycle}"
     finally:
         if was_enabled:
             gc.enable()
