@@ -4,7 +4,7 @@ Plain ``os``; knows no torch and no PEFT beyond two file names. :func:`stage` ma
 target folder (the same filesystem, so every move is one ``os.replace``); the save writes there; then
 :meth:`StagedFolder.publish` moves the files into the target:
 
-1. every staged file is flushed to disk (``fsync``);
+1. every staged file but the model card is flushed to disk (``fsync``);
 2. in each adapter folder (one that gets an ``adapter_config.json``), a small record :data:`PENDING_NAME` is
    moved in first, and the folder synced: it names every file the save replaces with the identity (inode,
    size, modification time) of the new file and of the one it replaces;
@@ -153,7 +153,8 @@ class StagedFolder:
     def _apply(self, plan: dict[str, list[str]]) -> None:
         for relative, names in plan.items():
             for name in names:
-                _fsync_file(os.path.join(self.path, relative, name))
+                if name != MODEL_CARD:  # documentation: not worth a flush
+                    _fsync_file(os.path.join(self.path, relative, name))
         previous = os.path.join(self.path, _PREVIOUS)
         for relative, names in plan.items():
             folder = os.path.join(self.target, relative)

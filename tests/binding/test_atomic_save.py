@@ -104,7 +104,7 @@ TARGETS = {
     "torch.save": (torch, "save", _half_torch_save, False, 2),
     "open": (__import__("builtins"), "open", None, True, 3),  # two configs and the model card's copy
     "os.replace": (os, "replace", None, True, 7),  # 2 records, README.md, 2 weights files, 2 configs
-    "os.fsync": (os, "fsync", None, True, 7),
+    "os.fsync": (os, "fsync", None, True, 6),  # 4 files, 2 records (then the folders)
 }
 
 
