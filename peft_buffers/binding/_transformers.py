@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable, Optional
@@ -185,10 +186,18 @@ def _make_hook(kind: str, original: Callable, peft_saved_keys: Callable, is_enab
                 return original(self, *args, **kwargs)  # no adapters: transformers' own full save
             bound = signature.bind(self, *args, **kwargs)
             writes = bound.arguments.get("is_main_process", True)
-            with saving_folder(self, bound.arguments["save_directory"], is_main_process=writes) as target:
+            folder = bound.arguments["save_directory"]
+            if bound.arguments.get("push_to_hub") and extra_name is not None:
+                # transformers names the Hub repository after the folder by default: the folder's name, not
+                # the staging folder's
+                extra = bound.arguments.setdefault(extra_name, {})
+                extra.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(folder))))
+            with saving_folder(self, folder, is_main_process=writes) as target:
                 bound.arguments["save_directory"] = target
                 return original(*bound.args, **bound.kwargs)
 
+        extra_name = next((name for name, parameter in signature.parameters.items()
+                           if parameter.kind is inspect.Parameter.VAR_KEYWORD), None)
         return save_pretrained
 
     if kind == "validate":

@@ -123,6 +123,36 @@ def test_save_pretrained_of_a_model_with_adapters_replaces_the_folder_atomically
     assert PENDING_NAME not in os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("peft_buffers_on", [True, False], ids=["enabled", "stock"])
+def test_push_to_hub_names_the_repository_after_the_folder(tmp_path, monkeypatch, peft_buffers_on):
+    import transformers.modeling_utils as modeling_utils
+
+    import peft_buffers
+
+    pushed = {}
+
+    class Hub:  # no network: record what transformers would create and upload
+        def create_repo(self, repo_id, **kwargs):
+            pushed["repo_id"] = repo_id
+            return type("Repo", (), {"repo_id": repo_id})()
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        pushed["files"] = sorted(os.listdir(working_dir))
+
+    monkeypatch.setattr(modeling_utils, "hf_api", Hub)
+    monkeypatch.setattr(modeling_utils, "create_and_tag_model_card",
+                        lambda *args, **kwargs: type("Card", (), {"save": lambda self, path: None})())
+    monkeypatch.setattr(modeling_utils.PreTrainedModel, "_upload_modified_files", upload)
+    if peft_buffers_on:
+        peft_buffers.enable()
+
+    trained_native(seed=1).save_pretrained(tmp_path / "my-adapter", push_to_hub=True)
+
+    assert pushed["repo_id"] == "my-adapter"
+    assert {FILE, "adapter_config.json"} <= set(pushed["files"])
+    assert {FILE, "adapter_config.json"} <= set(os.listdir(tmp_path / "my-adapter"))
+
+
 # https://github.com/huggingface/peft/issues/1732 (a BatchNorm in modules_to_save stays PEFT's own)
 def test_each_adapter_keeps_its_own_extra_state(enabled, tmp_path):
     refs = save_two_adapters(tmp_path, **MODULES_TO_SAVE)
