@@ -1,4 +1,4 @@
-"""Cost of PEFT's own fields (patches/peft-v0.21.2) next to stock PEFT and peft_buffers: file bytes, save, load.
+"""Cost of PEFT's own fields (patches/peft-v0.22.0) next to stock PEFT and peft_buffers: file bytes, save, load.
 
     PYTHONPATH=. python -m benchmarks.upstream [--quick] [--device cpu|cuda] [--reps N] [--models resnet50,...]
 

@@ -1,6 +1,6 @@
 """PEFT's own ``save_running_stats`` / ``parameters_to_save`` config fields (issue 11): peft_buffers steps aside.
 
-The patch series in ``patches/peft-v0.21.2/`` adds these two fields to ``PeftConfig``; a future PEFT release may
+The patch series in ``patches/peft-v0.22.0/`` adds these two fields to ``PeftConfig``; a future PEFT release may
 merge them. An adapter whose config turns either on has its running statistics and direct parameters saved,
 loaded and switched by PEFT itself, so peft_buffers must neither add them to its file nor restore them a second
 time. These plain functions answer the two questions; they import nothing but PEFT's config module.
@@ -16,7 +16,7 @@ __all__ = ["NATIVE_FIELDS", "NATIVE_FIELDS_NOTE", "model_uses_native_fields", "p
 
 NATIVE_FIELDS = ("save_running_stats", "parameters_to_save")
 NATIVE_FIELDS_NOTE = (
-    "this PEFT has its own save_running_stats / parameters_to_save config fields (patches/peft-v0.21.2, or a "
+    "this PEFT has its own save_running_stats / parameters_to_save config fields (patches/peft-v0.22.0, or a "
     "release that merged them): for adapters whose config turns either on, PEFT saves, loads and switches running "
     "statistics and direct parameters itself and peft_buffers steps aside; other adapters are handled as before"
 )

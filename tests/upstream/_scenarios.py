@@ -1,7 +1,7 @@
 """The project's behaviour scenarios, runnable two ways on one PEFT (issue 11).
 
 ``native``: PEFT's own ``save_running_stats`` / ``parameters_to_save`` config fields (the patched PEFT of
-``patches/peft-v0.21.2``), peft_buffers disabled. ``peft_buffers``: stock config, ``peft_buffers.enable()``.
+``patches/peft-v0.22.0``), peft_buffers disabled. ``peft_buffers``: stock config, ``peft_buffers.enable()``.
 Training is the same seeded CPU run in both, so outputs and saved tensors can be compared bitwise.
 """
 

@@ -3,7 +3,7 @@
     python tests/upstream/cross_check.py write native|peft_buffers DIR   # train the scenarios, save them + outputs
     python tests/upstream/cross_check.py read  native|peft_buffers DIR   # load DIR's files, compare bitwise
 
-``native`` needs a PEFT with ``save_running_stats`` / ``parameters_to_save`` (patches/peft-v0.21.2) and runs with
+``native`` needs a PEFT with ``save_running_stats`` / ``parameters_to_save`` (patches/peft-v0.22.0) and runs with
 peft_buffers disabled; ``peft_buffers`` needs a PEFT without them and enables peft_buffers. ``nox -s upstream`` writes
 with each and reads with the other. Exit status 1 when any output differs. Scenarios: BatchNorm ResNet, ViT with
 trained position embeddings and cls token, two adapters with their own statistics (set_adapter, disable_adapter).

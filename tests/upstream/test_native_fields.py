@@ -1,4 +1,4 @@
-"""Issue 11 (b): PEFT's own ``save_running_stats`` / ``parameters_to_save`` (patches/peft-v0.21.2) give, without
+"""Issue 11 (b): PEFT's own ``save_running_stats`` / ``parameters_to_save`` (patches/peft-v0.22.0) give, without
 peft_buffers, bitwise the same files and reloads as peft_buffers gives on stock configs.
 
 Guards https://github.com/huggingface/peft/issues/1732 (BatchNorm statistics) and #2099 (direct parameters).
@@ -20,7 +20,7 @@ from . import _scenarios as sc
 
 pytestmark = pytest.mark.skipif(
     not peft_has_native_fields(),
-    reason="needs a PEFT with save_running_stats / parameters_to_save (patches/peft-v0.21.2): run `nox -s upstream`",
+    reason="needs a PEFT with save_running_stats / parameters_to_save (patches/peft-v0.22.0): run `nox -s upstream`",
 )
 
 ADAPTER_FILE = "adapter_model.safetensors"
