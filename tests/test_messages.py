@@ -35,7 +35,7 @@ def make_base() -> nn.Module:
 
 
 def saved_adapter(folder) -> None:
-    get_peft_model(make_base(), LoraConfig(target_modules=["0"])).save_pretrained(folder)
+    get_peft_model(make_base(), LoraConfig(target_modules=["0"])).save_pretrained(folder, safe_serialization=True)
 
 
 def add_keys(folder, keys) -> None:

@@ -27,8 +27,9 @@ from peft_buffers import CorruptAdapterFile
 from peft_buffers.core import PENDING_NAME
 
 from .._atomic import FailAt, assert_unchanged, extra_state_of_every_adapter, model_fingerprint
+from .._compat import requires_is_main_process
 
-ADAPTERS = ("default", "b")
+ADAPTERS = ("default", "second")  # not "b": PEFT < 0.22 saves every key containing the name
 X = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
 
 
@@ -40,7 +41,7 @@ def make_base() -> nn.Module:
 def trained(seed: int, alpha: int) -> PeftModel:
     """Two adapters, each trained one step in train mode (each moves its own BatchNorm statistics)."""
     model = get_peft_model(make_base(), LoraConfig(target_modules=["0"], lora_alpha=alpha, init_lora_weights=False))
-    model.add_adapter("b", LoraConfig(target_modules=["3"], lora_alpha=alpha, init_lora_weights=False))
+    model.add_adapter("second", LoraConfig(target_modules=["3"], lora_alpha=alpha, init_lora_weights=False))
     torch.manual_seed(seed)
     for name in ADAPTERS:
         model.set_adapter(name)
@@ -147,13 +148,13 @@ def test_each_failing_write_or_rename_leaves_folder_and_model_as_before(enabled,
 
 def test_stock_peft_loses_the_old_adapter_when_a_save_fails_midway(stock, tmp_path, monkeypatch):
     folder = tmp_path / "adapter"
-    trained(1, alpha=4).save_pretrained(folder)
+    trained(1, alpha=4).save_pretrained(folder, safe_serialization=True)
     before = folder_contents(folder)
     model = trained(2, alpha=8)
     monkeypatch.setattr(peft.peft_model, "safe_save_file", FailAt(peft.peft_model.safe_save_file, 1,
                                                                   _half_safetensors))
     with pytest.raises(OSError, match="injected"):
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, safe_serialization=True)
     monkeypatch.undo()
 
     assert folder_contents(folder)["adapter_model.safetensors"] != before["adapter_model.safetensors"]
@@ -174,46 +175,47 @@ def test_a_failed_save_restores_the_configs_peft_changed(enabled, tmp_path, monk
 
     monkeypatch.setattr(peft.config.PeftConfigMixin, "save_pretrained", save_then_fail)
     with pytest.raises(OSError, match="injected"):
-        model.save_pretrained(tmp_path / "adapter")
+        model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
 
     assert model.peft_config["default"].inference_mode is False
     assert model.peft_config["default"].base_model_name_or_path is None
     assert not (tmp_path / "adapter").exists()  # the folder the save made is gone too
 
 
+@requires_is_main_process
 def test_is_main_process_false_writes_nothing(enabled, tmp_path):
     folder = tmp_path / "adapter"
-    trained(1, alpha=4).save_pretrained(folder)
+    trained(1, alpha=4).save_pretrained(folder, safe_serialization=True)
     before = folder_contents(folder)
 
-    trained(2, alpha=8).save_pretrained(folder, is_main_process=False)
+    trained(2, alpha=8).save_pretrained(folder, safe_serialization=True, is_main_process=False)
 
     assert folder_contents(folder) == before
 
 
 def test_selected_adapters_replaces_only_their_folders(enabled, tmp_path):
     folder = tmp_path / "adapter"
-    trained(1, alpha=4).save_pretrained(folder)
+    trained(1, alpha=4).save_pretrained(folder, safe_serialization=True)
     before = folder_contents(folder)
     old_default = loaded(folder, "default")
     model = trained(2, alpha=8)
 
-    model.save_pretrained(folder, selected_adapters=["b"])
+    model.save_pretrained(folder, safe_serialization=True, selected_adapters=["second"])
 
     after = folder_contents(folder)
-    assert {k: v for k, v in after.items() if not k.startswith("b/") and k != "README.md"} == \
-        {k: v for k, v in before.items() if not k.startswith("b/") and k != "README.md"}
+    assert {k: v for k, v in after.items() if not k.startswith("second/") and k != "README.md"} == \
+        {k: v for k, v in before.items() if not k.startswith("second/") and k != "README.md"}
     assert torch.equal(loaded(folder, "default"), old_default)
-    assert torch.equal(loaded(folder, "b"), outputs(model)["b"])
+    assert torch.equal(loaded(folder, "second"), outputs(model)["second"])
 
 
 def test_the_model_card_keeps_its_text(enabled, tmp_path):
     folder = tmp_path / "adapter"
-    trained(1, alpha=4).save_pretrained(folder)
+    trained(1, alpha=4).save_pretrained(folder, safe_serialization=True)
     card = folder / "README.md"
     card.write_text(card.read_text() + "\nNotes the user wrote.\n")
 
-    trained(2, alpha=8).save_pretrained(folder)
+    trained(2, alpha=8).save_pretrained(folder, safe_serialization=True)
 
     assert "Notes the user wrote." in card.read_text()
 
@@ -241,7 +243,7 @@ def _save_killed_at(model: PeftModel, folder, at: int) -> int:
                 return call
 
             os.replace, os.unlink = die_at(real_replace), die_at(real_unlink)
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, safe_serialization=True)
             code = 0
         finally:
             os._exit(code)
@@ -269,7 +271,7 @@ def test_a_save_killed_at_any_rename_leaves_old_new_or_a_folder_refused_by_name(
     states = []
     for at in itertools.count(1):
         shutil.rmtree(folder, ignore_errors=True)
-        old_model.save_pretrained(folder)
+        old_model.save_pretrained(folder, safe_serialization=True)
         code = _save_killed_at(model, folder, at)
         if code == 0:
             break
@@ -285,7 +287,7 @@ def test_a_save_killed_at_any_rename_leaves_old_new_or_a_folder_refused_by_name(
 
     # Stock PEFT loads that folder silently: new weights and statistics with the old lora_alpha.
     shutil.rmtree(folder)
-    old_model.save_pretrained(folder)
+    old_model.save_pretrained(folder, safe_serialization=True)
     assert _save_killed_at(model, folder, refused_root + 1) == KILLED
     peft_buffers.disable()
     mixed = loaded(folder, "default")

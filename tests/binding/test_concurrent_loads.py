@@ -39,7 +39,7 @@ def save_trained(folder, seed: int, target: str = "0") -> torch.Tensor:
     model.train()
     model(torch.randn(16, 8) * seed).square().mean().backward()
     optimizer.step()
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, safe_serialization=True)
     with torch.no_grad():
         return PeftModel.from_pretrained(make_base(), folder).eval()(X)
 
