@@ -54,8 +54,9 @@ _PLAIN = frozenset({bool, int, float, str, bytes, tuple, type(None), torch.Tenso
 _lock = threading.Lock()
 _active: dict[int, Transaction] = {}  # id(root) -> the outermost open transaction on that root
 # One re-entrant lock per root, held by the thread that runs a transaction on it (or saves it) for the whole
-# block: a load from another thread waits. Weak keys: a model that is gone takes its lock with it.
-_root_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+# block: a load from another thread waits. id(root) -> (weak reference, lock): a model that is gone takes its
+# lock with it (by identity: a module that defines __eq__ without __hash__ works too).
+_root_locks: dict[int, tuple[weakref.ref, threading.RLock]] = {}
 
 
 def _copy_container(value: Any) -> Any:
@@ -350,11 +351,21 @@ def active_transaction(root: nn.Module) -> Optional[Transaction]:
 
 
 def _root_lock(root: nn.Module) -> threading.RLock:
+    key = id(root)
     with _lock:
-        lock = _root_locks.get(root)
-        if lock is None:
-            lock = _root_locks[root] = threading.RLock()
-        return lock
+        entry = _root_locks.get(key)
+        if entry is None or entry[0]() is not root:
+            entry = _root_locks[key] = (weakref.ref(root, _forget_lock(key)), threading.RLock())
+        return entry[1]
+
+
+def _forget_lock(key: int) -> Callable[[weakref.ref], None]:
+    def forget(ref: weakref.ref) -> None:  # no lock taken: a collection may run this anywhere
+        entry = _root_locks.get(key)
+        if entry is not None and entry[0] is ref:
+            _root_locks.pop(key, None)
+
+    return forget
 
 
 @contextlib.contextmanager

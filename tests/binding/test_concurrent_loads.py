@@ -207,3 +207,14 @@ def test_nesting_in_one_thread_joins_and_another_thread_never_sees_the_transacti
 
     assert other.error is None
     assert seen_elsewhere[0] is None and seen_elsewhere[1] is not outer
+
+
+def test_a_model_that_defines_eq_without_hash_still_gets_its_lock():
+    class ComparedByValue(nn.Linear):
+        def __eq__(self, other):  # makes instances unhashable (__hash__ = None)
+            return isinstance(other, nn.Linear) and torch.equal(self.weight, other.weight)
+
+    layer = ComparedByValue(2, 2)
+    with atomic(layer) as transaction:
+        assert active_transaction(layer) is transaction
+    assert active_transaction(layer) is None
