@@ -32,9 +32,15 @@ nox.options.reuse_existing_virtualenvs = True
 
 
 def _load_registry():
-    # Load the module file alone: `import peft_buffers` would import torch, which nox's own env lacks.
-    path = ROOT / "peft_buffers" / "binding" / "registry.py"
-    spec = importlib.util.spec_from_file_location("_peft_buffers_registry", path)
+    # Load the registry without its package: `import peft_buffers` would import torch, which nox's own env lacks.
+    # A stand-in package lets its relative import of the data module beside it (binding/_api_table.py) resolve.
+    import types
+
+    folder = ROOT / "peft_buffers" / "binding"
+    package = types.ModuleType("_peft_buffers_binding")
+    package.__path__ = [str(folder)]
+    sys.modules[package.__name__] = package
+    spec = importlib.util.spec_from_file_location(f"{package.__name__}.registry", folder / "registry.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look the module up while building the classes
     spec.loader.exec_module(module)
@@ -77,6 +83,37 @@ def compat(session: nox.Session, line: str) -> None:
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     session.run("python", "-m", "peft_buffers", "doctor", "--deep", "--strict", env=env)
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *(session.posargs or ["tests"]), env=env)
+
+
+# --- the install a user gets today ---
+#     nox -s newest     # `pip install .` with the newest peft / transformers / accelerate / safetensors pip resolves
+# The compat sessions test each line's pinned pair; this one tests what a fresh install resolves now, built from
+# this checkout as a wheel (not editable), torch pinned (an unpinned torch pulls a multi-GB CUDA build). It runs
+# `doctor --deep` (not --strict: a release newer than the registry's tested pair is a note, and the version
+# policy in binding/_versions.py decides whether it is used) and the default test suite against the installed
+# package. A newer release that breaks a behaviour fails the suite; one that merely appeared does not.
+NEWEST_UPGRADED = ("peft", "transformers", "accelerate", "safetensors")
+
+
+@nox.session
+def newest(session: nox.Session) -> None:
+    """doctor --deep and the default suite on the newest releases a fresh `pip install .` resolves."""
+    constraints = Path(session.create_tmp()) / "constraints.txt"
+    constraints.write_text(f"{TORCH}\n")
+    # --upgrade-strategy eager: a reused venv also moves to today's releases; the constraint keeps torch.
+    session.install("-c", str(constraints), "--upgrade", "--upgrade-strategy", "eager", f"{ROOT}[test]",
+                    *NEWEST_UPGRADED)
+    session.install("--no-deps", "--force-reinstall", str(ROOT))  # this checkout's code, as a wheel
+    session.run("python", "-m", "pip", "check")
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    outside = session.create_tmp()  # run from here: `python -m` puts the working directory first on sys.path
+    with session.chdir(outside):
+        session.run("python", "-c", "import peft_buffers; print('peft_buffers imported from', peft_buffers.__file__)")
+        session.run("python", "-m", "peft_buffers", "doctor", "--deep", env=env)
+    # The suite from the checkout against the installed package: the pytest script (no working directory on
+    # sys.path) and --import-mode=append (the checkout after site-packages); the package's doctests ran in CI.
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "--import-mode=append", *(session.posargs or ["tests"]),
+                env=env)
 
 
 # --- integration sessions (issue 6) ---

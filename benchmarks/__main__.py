@@ -32,6 +32,8 @@ def _parse(argv: list) -> argparse.Namespace:
     parser.add_argument("--scaling", type=int, nargs="*",
                         help="norm-layer counts of the scaling sweep (default 10 100 1000 10000; quick: 10 100 1000;"
                              " 0: skip)")
+    parser.add_argument("--serving", type=int, metavar="N",
+                        help="adapters loaded one after another into one ResNet-50 (default 50; quick: 10; 0: skip)")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<device>[-quick])")
     parser.add_argument("--render", metavar="RESULTS_JSON", nargs="+",
                         help="measure nothing: rewrite results.md and the plots from results.json file(s) "
@@ -59,6 +61,7 @@ def _render(paths: list, out_dir: str) -> int:
         known = {e["norm_layers"] for e in results["scaling"]}
         results["scaling"] = sorted(results["scaling"] + [e for e in part["scaling"] if e["norm_layers"] not in known],
                                     key=lambda e: e["norm_layers"])
+        results["serving"] = results.get("serving") or part.get("serving")
         results.setdefault("merged_from", []).append(part["meta"])
     results["targets"] = check_targets(results)
     os.makedirs(out_dir, exist_ok=True)
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
     from .models import MODELS
     from .report import check_targets, render_markdown, render_plots
     from .run import run_model, run_scaling
+    from .serving import run_serving
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device visible", file=sys.stderr)
@@ -126,6 +130,11 @@ def main(argv=None) -> int:
                 write()
 
             run_scaling(sizes, device, reps, warmup, scratch, progress=progress)
+            write()
+        serving = args.serving if args.serving is not None else (10 if args.quick else 50)
+        if serving:
+            resnet = next(m for m in MODELS if m.name == "resnet50")
+            results["serving"] = run_serving(resnet, args.quick, device, 2 if args.quick else 5, scratch, serving)
             write()
     write()
     plots = render_plots(results, out_dir)

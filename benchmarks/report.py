@@ -13,11 +13,14 @@ STRATEGY_LABELS = {
     "peft_buffers": "peft_buffers",
     "full": "full checkpoint",
 }
-HEADER_SLACK = 4096  # target: file bytes <= stock + extra-tensor bytes + 4 KiB
-LOAD_TOLERANCE, SAVE_TOLERANCE = 0.03, 0.05
-SCALING_LIMIT_MS, SCALING_AT = 20.0, 10_000
+# The targets (benchmarks/README.md): what exactness may cost.
+LOAD_TOLERANCE, LOAD_FLOOR_MS = 0.03, 3.0  # a load of a file with extra state: <= max(3% of stock, 3 ms)
+SAVE_TOLERANCE, SAVE_FLOOR_MS = 0.05, 4.0  # a save: <= max(5% of stock, 4 ms)
+STOCK_FILE_LIMIT_MS = 1.0  # from_pretrained of a stock file with enable(): <= stock + 1 ms
+SCALING_FACTOR, SCALING_SLACK_MS = 1.2, 1.0  # scaling: overhead <= 1.2 x reading/writing the extra tensors + 1 ms
+SERVING_GROWTH, SERVING_TOLERANCE = 1.10, 0.03  # 50th load <= 1.1 x the first, and <= stock's 50th + 3%
 ZERO_EXTRA_MODELS = ("convnext_tiny", "llama_1b")
-ATTACH_LIMIT_MS, ATTACH_MODELS = 5.0, ("llama_1b",)  # issue 9: attaching to the 1.1B bf16 model adds <= 5 ms
+ATTACH_LIMIT_MS, ATTACH_MODELS = 2.0, ("llama_1b",)  # attaching to the 1.1B bf16 model adds <= 2 ms
 ATTACH_CALLS = {"get_peft_model": "get_peft_model", "from_pretrained": "PeftModel.from_pretrained (stock file)"}
 
 
@@ -84,16 +87,18 @@ def check_targets(results: dict) -> list:
             continue
         ours, stock, extra = strategies["peft_buffers"], strategies["stock"], m["extra_state"]
         over = ours["file_bytes"] - extra["floor_bytes"]
-        add("file bytes ≤ stock + extra tensors + 4 KiB", m["label"], f"{over:+d} B over the floor",
-            f"≤ {HEADER_SLACK} B", over <= HEADER_SLACK)
-        for what, tolerance in (("load", LOAD_TOLERANCE), ("save", SAVE_TOLERANCE)):
+        add("file bytes = the floor (stock + the extra tensors and their header entries)", m["label"],
+            f"{over:+d} B over the floor", "0 B", over == 0)
+        for what, tolerance, floor_ms in (("load", LOAD_TOLERANCE, LOAD_FLOOR_MS),
+                                          ("save", SAVE_TOLERANCE, SAVE_FLOOR_MS)):
             mine, theirs = ours[f"{what}_ms"], stock[f"{what}_ms"]
-            change = mine["median"] / theirs["median"] - 1
+            overhead = mine["median"] - theirs["median"]
+            bar = max(tolerance * theirs["median"], floor_ms)
             low, high = ratio_ci(mine["runs"], theirs["runs"])
             paired = paired_change(mine["runs"], theirs["runs"])
-            add(f"{what} median within {tolerance:.0%} of stock", m["label"],
-                f"{change * 100:+.1f}% (95% CI {low * 100:+.1f} … {high * 100:+.1f}%; paired {paired * 100:+.1f}%)",
-                f"≤ +{tolerance:.0%}", change <= tolerance)
+            add(f"{what} overhead ≤ max({tolerance:.0%} of stock, {floor_ms:g} ms)", m["label"],
+                f"{overhead:+.1f} ms ({overhead / theirs['median'] * 100:+.1f}%; 95% CI {low * 100:+.1f} … "
+                f"{high * 100:+.1f}%; paired {paired * 100:+.1f}%)", f"≤ {bar:.1f} ms", overhead <= bar)
         added = ours["added_trainable_params"]
         add("no added trainable parameters", m["label"], f"{added:+d}", "0", added == 0)
         if m["name"] in ZERO_EXTRA_MODELS:
@@ -102,6 +107,11 @@ def check_targets(results: dict) -> list:
                 f"{ours['extra_bytes_over_stock']:+d} B, identical: {same}", "0 B, identical", same)
         add("reloaded logits equal the trained model's", m["label"], _dlogits(ours.get("max_abs_dlogits")),
             "0", ours.get("max_abs_dlogits") == 0)
+        if "attach" in m:
+            overhead = m["attach"]["from_pretrained"]["overhead_ms"]
+            add(f"a stock file with enable(): from_pretrained ≤ stock + {STOCK_FILE_LIMIT_MS:g} ms", m["label"],
+                f"{overhead['median_difference']:+.2f} ms (paired {overhead['paired_median']:+.2f} ms)",
+                f"≤ {STOCK_FILE_LIMIT_MS:g} ms", overhead["median_difference"] <= STOCK_FILE_LIMIT_MS)
         if m["name"] in ATTACH_MODELS and "attach" in m:
             for call, label in ATTACH_CALLS.items():
                 overhead = m["attach"][call]["overhead_ms"]
@@ -109,16 +119,23 @@ def check_targets(results: dict) -> list:
                     f"{overhead['median_difference']:+.2f} ms (paired {overhead['paired_median']:+.2f} ms)",
                     f"≤ {ATTACH_LIMIT_MS:g} ms", overhead["median_difference"] <= ATTACH_LIMIT_MS)
     for entry in results.get("scaling", []):
-        if entry["norm_layers"] != SCALING_AT:
-            continue
         for what in ("save", "load"):
-            overhead = entry[f"{what}_overhead_ms"]["median_difference"]
-            add(f"{what} overhead at {SCALING_AT:,} norm layers ≤ 20 ms", "synthetic", f"{overhead:.1f} ms",
-                "≤ 20 ms", overhead <= SCALING_LIMIT_MS)
+            overhead = entry[f"{what}_overhead_ms"]
+            bar = SCALING_FACTOR * overhead["extra_only_median"] + SCALING_SLACK_MS
+            add(f"{what} overhead ≤ {SCALING_FACTOR:g} × the extra tensors alone + {SCALING_SLACK_MS:g} ms",
+                f"{entry['norm_layers']:,} norm layers", f"{overhead['median_difference']:.1f} ms",
+                f"≤ {bar:.1f} ms", overhead["median_difference"] <= bar)
+    serving = results.get("serving")
+    if serving:
+        ours = serving["strategies"]["peft_buffers"]["load_ms"]
+        stock = serving["strategies"]["stock"]["load_ms"]
+        n = serving["adapters"]
+        add(f"load #{n} ≤ {SERVING_GROWTH:g} × load #1", serving["model"], f"{ours[-1]:.1f} / {ours[0]:.1f} ms",
+            f"≤ {SERVING_GROWTH * ours[0]:.1f} ms", ours[-1] <= SERVING_GROWTH * ours[0])
+        add(f"load #{n} ≤ stock's load #{n} + {SERVING_TOLERANCE:.0%}", serving["model"],
+            f"{ours[-1]:.1f} vs {stock[-1]:.1f} ms", f"≤ {(1 + SERVING_TOLERANCE) * stock[-1]:.1f} ms",
+            ours[-1] <= (1 + SERVING_TOLERANCE) * stock[-1])
     return rows
-
-
-# ---------------------------------------------------------------------------------------------- markdown
 
 
 def _stamp_lines(meta: dict) -> list:
@@ -240,9 +257,10 @@ def render_markdown(results: dict) -> str:
         f"- **Repetitions:** {settings['reps']} timed runs after {settings['warmup']} warm-up, strategies "
         f"interleaved (order rotated every repetition); save/load folder: {settings['scratch']}",
         "",
-        "Models are random-init from transformers configs. *Floor* = the stock PEFT file of the same trained model "
-        "+ the bytes of exactly the extra tensors (running statistics and trained direct parameters); *over floor* "
-        "is the rest (safetensors header: one JSON entry per extra tensor). Load = `PeftModel.from_pretrained` onto "
+        "Models are random-init from transformers configs. *Floor* = the file stock PEFT would write if it carried "
+        "the extra tensors (running statistics and trained direct parameters) under the same keys: the stock file of "
+        "the same trained model + those tensors and their safetensors header entries; *over floor* is anything "
+        "else written (0 B when nothing is). Load = `PeftModel.from_pretrained` onto "
         "a copy of the base already on the device (full checkpoint: `get_peft_model` + `safetensors.torch."
         "load_model`), synchronized. Peak train mem = peak allocated during "
         f"{results['models'][0]['train_steps'] if results['models'] else 0} AdamW steps, model copy included, "
@@ -291,6 +309,22 @@ def render_markdown(results: dict) -> str:
                 f"| {_ms(ld['stock'])} | {_ms(ld['peft_buffers'])} "
                 f"| {e['load_overhead_ms']['median_difference']:+.1f} | {ld['extra_only']['median']:.1f} |"
             )
+    serving = results.get("serving")
+    if serving:
+        ours, stock = serving["strategies"]["peft_buffers"], serving["strategies"]["stock"]
+        n = serving["adapters"]
+        lines += [
+            "", f"## Serving: {n} adapters loaded one after another into one {serving['model']}", "",
+            f"A model that starts with one empty adapter; each of {n} adapter files (each with its own running "
+            "statistics) is loaded with `load_adapter` into it, every earlier one staying loaded; and, with "
+            f"peft_buffers, each file hotswapped in turn into one adapter (`hotswap_adapter`). Median of "
+            f"{serving['reps']} repetitions per load; `serving.png` plots every load.", "",
+            "| load # | stock `load_adapter` ms | peft_buffers `load_adapter` ms | peft_buffers `hotswap_adapter` ms |",
+            "|---:|---:|---:|---:|",
+        ]
+        for index in sorted({0, 9, 24, n - 1} & set(range(n))):
+            lines.append(f"| {index + 1} | {stock['load_ms'][index]:.1f} | {ours['load_ms'][index]:.1f} "
+                         f"| {ours['hotswap_ms'][index]:.1f} |")
     if results["models"]:
         lines += ["", "## Condensed (the README's table)", ""] + readme_table(results)
     targets = results.get("targets") or []
@@ -300,7 +334,8 @@ def render_markdown(results: dict) -> str:
             lines.append(f"| {t['target']} | {t['model']} | {t['measured']} | {t['bar']} | "
                          f"{'yes' if t['met'] else '**no**'} |")
         if settings.get("device") != "cuda":
-            lines += ["", "The timing targets are set for the H100; on another device they are informative only."]
+            lines += ["", "The timing targets are set for a GPU (H100/H200); on another device they are informative "
+                          "only."]
     return "\n".join(lines) + "\n"
 
 
@@ -315,7 +350,7 @@ def _stamp_text(results: dict) -> str:
 
 
 def render_plots(results: dict, out_dir: str) -> list:
-    """Write bytes.png, times.png and scaling.png; return their paths."""
+    """Write bytes.png, times.png, scaling.png and serving.png; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,7 +434,9 @@ def render_plots(results: dict, out_dir: str) -> list:
                         color=colors.get(variant, "#009e73"))
             overhead = [max(e[f"{what}_overhead_ms"]["median_difference"], 1e-3) for e in scaling]
             ax.plot(ns, overhead, marker="s", linestyle="--", color="#d55e00", label="peft_buffers − stock")
-            ax.axhline(SCALING_LIMIT_MS, color="#d55e00", linewidth=0.8, linestyle=":", label="20 ms target")
+            bars = [SCALING_FACTOR * e[f"{what}_overhead_ms"]["extra_only_median"] + SCALING_SLACK_MS for e in scaling]
+            ax.plot(ns, bars, color="#d55e00", linewidth=0.8, linestyle=":",
+                    label=f"target: {SCALING_FACTOR:g} × extra alone + {SCALING_SLACK_MS:g} ms")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("BatchNorm layers")
@@ -409,6 +446,26 @@ def render_plots(results: dict, out_dir: str) -> list:
         fig.text(0.01, 0.005, stamp, fontsize=6, color="#555555")
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         path = os.path.join(out_dir, "scaling.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    serving = results.get("serving")
+    if serving:
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        loads = range(1, serving["adapters"] + 1)
+        for label, color, values in (
+                ("stock PEFT load_adapter", colors["stock"], serving["strategies"]["stock"]["load_ms"]),
+                ("peft_buffers load_adapter", colors["peft_buffers"], serving["strategies"]["peft_buffers"]["load_ms"]),
+                ("peft_buffers hotswap_adapter", "#009e73", serving["strategies"]["peft_buffers"]["hotswap_ms"])):
+            ax.plot(loads, values, marker=".", label=label, color=color)
+        ax.set_xlabel("adapter loaded (the model holds every earlier one)")
+        ax.set_ylabel(f"ms, median of {serving['reps']}")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"Serving: {serving['adapters']} adapters into one {serving['model']}")
+        ax.legend(fontsize=8)
+        fig.text(0.01, 0.005, stamp, fontsize=6, color="#555555")
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        path = os.path.join(out_dir, "serving.png")
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)

@@ -253,6 +253,7 @@ def run_model(
 
 def _extra_state_accounting(spec: ModelSpec, record: dict, trained: dict, paths: dict, scratch: str) -> None:
     """Extra bytes, the floor (stock + exactly the extra tensors) and byte-identity with a stock save."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     strategies = record["strategies"]
@@ -273,6 +274,14 @@ def _extra_state_accounting(spec: ModelSpec, record: dict, trained: dict, paths:
     stock_same_model = os.path.getsize(os.path.join(as_stock, ADAPTER_FILE))
     standalone = os.path.join(scratch, spec.name, "extra-only.safetensors")
     save_file({k: v.detach().contiguous() for k, v in extra.items()}, standalone)
+    # The floor: the file stock PEFT would write if it carried exactly these tensors under the same keys (its
+    # own tensors, the extra ones and their header entries, PEFT's metadata): nothing else is unavoidable.
+    with safe_open(os.path.join(as_stock, ADAPTER_FILE), framework="pt") as handle:
+        metadata, stock_tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    floor_path = os.path.join(scratch, spec.name, "floor.safetensors")
+    save_file({**stock_tensors, **{k: v.detach().cpu().contiguous() for k, v in extra.items()}}, floor_path,
+              metadata=metadata)
+    floor = os.path.getsize(floor_path)
     ours = _weights_file("peft_buffers", paths["peft_buffers"])
     record["extra_state"] = {
         "tensors": len(extra),
@@ -283,11 +292,10 @@ def _extra_state_accounting(spec: ModelSpec, record: dict, trained: dict, paths:
         "tensor_bytes": extra_bytes,
         "standalone_safetensors_bytes": os.path.getsize(standalone),
         "stock_save_of_same_model_bytes": stock_same_model,
-        "floor_bytes": stock_same_model + extra_bytes,
+        "floor_bytes": floor,
         "identical_to_stock_save": _file_sha(ours) == _file_sha(os.path.join(as_stock, ADAPTER_FILE)),
     }
     stock_bytes = strategies.get("stock", {}).get("file_bytes", stock_same_model)
-    floor = stock_same_model + extra_bytes
     for entry in strategies.values():
         entry["extra_bytes_over_stock"] = entry["file_bytes"] - stock_bytes
         entry["bytes_over_floor"] = entry["file_bytes"] - floor

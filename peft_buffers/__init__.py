@@ -11,6 +11,7 @@ Example:
 __version__ = "0.1.0"
 
 from ._errors import (  # noqa: E402
+    ConversionRefused,
     CorruptAdapterFile,
     ExtraStateMismatch,
     IncompatibleAdapterWeights,
@@ -25,6 +26,7 @@ from .repro import AuditReport, ReloadReport, audit, check_reload, explain  # no
 
 __all__ = [
     "AuditReport",
+    "ConversionRefused",
     "CorruptAdapterFile",
     "ExtraStateMismatch",
     "IncompatibleAdapterWeights",

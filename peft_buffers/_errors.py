@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from ._text import plural
+
 __all__ = [
     "CommandError",
+    "ConversionRefused",
     "CorruptAdapterFile",
     "ExtraStateMismatch",
     "IncompatibleAdapterWeights",
@@ -195,8 +198,9 @@ class IncompatibleExtraState(PeftBuffersError, ValueError):
         self.mismatches = list(mismatches)
         lines = _mismatch_lines(self.mismatches)
         super().__init__(
-            f"adapter {adapter_name!r}: {len(self.mismatches):,} key(s) of extra state (running statistics or "
-            f"direct parameters) do not fit the model; nothing was loaded.\n{lines}"
+            f"adapter {adapter_name!r}: {plural(len(self.mismatches), 'key')} of extra state (running statistics "
+            f"or direct parameters) {'does' if len(self.mismatches) == 1 else 'do'} not fit the model; nothing was "
+            f"loaded.\n{lines}"
         )
 
 
@@ -237,8 +241,8 @@ class IncompatibleAdapterWeights(PeftBuffersError, RuntimeError):
         lines = _mismatch_lines(self.mismatches)
         scope = f" into {escape(where)}" if where else ""
         super().__init__(
-            f"{len(self.mismatches):,} tensor(s) of the state dict being loaded{scope} do not fit the model; "
-            f"nothing was written.\n{lines}"
+            f"{plural(len(self.mismatches), 'tensor')} of the state dict being loaded{scope} "
+            f"{'does' if len(self.mismatches) == 1 else 'do'} not fit the model; nothing was written.\n{lines}"
         )
 
 
@@ -260,3 +264,21 @@ class RollbackFailed(PeftBuffersError, RuntimeError):
             f"model back failed as well: the model may be partly changed. Rebuild it (or reload the base model) "
             f"before use."
         )
+
+
+class ConversionRefused(PeftBuffersError, ValueError):
+    """``convert`` cannot make an adapter folder loadable by a PEFT release without changing the adapter.
+
+    ``problems`` lists each reason (one line each: the file, the field, its value, what the release supports).
+
+    Example:
+        >>> str(ConversionRefused("0.6", ["a/adapter_config.json: field use_dora = true ..."])).splitlines()[0]
+        'cannot convert for PEFT 0.6 without changing the adapter (1 problem):'
+    """
+
+    def __init__(self, target: str, problems: list[str]):
+        self.target = target
+        self.problems = list(problems)
+        listed = listing((f"- {escape(problem, limit=1000)}" for problem in self.problems), what="problem(s)")
+        super().__init__(f"cannot convert for PEFT {target} without changing the adapter "
+                         f"({plural(len(self.problems), 'problem')}):\n{listed}")

@@ -12,7 +12,7 @@ from . import registry
 from ._enable import disable, enable, is_enabled, patch_status
 from ._native_fields import NATIVE_FIELDS_NOTE, peft_has_native_fields
 from ._peft_view import active_adapter, model_view, quiet
-from ._save import extra_state_dict
+from ._save import extra_state_dict, extra_state_for_report
 from ._transformers import mixin_min_peft
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "disable",
     "enable",
     "extra_state_dict",
+    "extra_state_for_report",
     "is_enabled",
     "mixin_min_peft",
     "model_view",

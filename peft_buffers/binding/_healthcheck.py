@@ -11,22 +11,11 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .._text import first_names, plural
 from ..core import BASE, find_base_tensors, is_running_stat
 from . import _peft_view as pv
 
 __all__ = ["extra_state_report"]
-
-_SHOWN = 5  # names shown per finding; the count says how many there are
-
-
-def _names(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN])
-    return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
 
 def _finding(code: str, severity: str, message: str) -> dict[str, str]:
     return {"code": code, "severity": severity, "message": message}
@@ -85,17 +74,17 @@ def extra_state_report(root: nn.Module, peft_saved_keys: Callable) -> dict[str, 
     if moving:
         findings.append(_finding(
             "PEFT_BUFFERS_RUNNING_STATS_MOVE", "info",
-            f"{_plural(len(moving), 'layer')} with running statistics in train mode ({_names(moving)}): training "
+            f"{plural(len(moving), 'layer')} with running statistics in train mode ({first_names(moving)}): training "
             f"moves their statistics, and peft_buffers saves them with {target}. Call .eval() on a layer to keep "
             f"its statistics fixed."))
     if trainable_base:
         findings.append(_finding(
             "PEFT_BUFFERS_TRAINABLE_BASE_PARAMETERS", "info",
-            f"{_plural(len(trainable_base), 'base-model parameter')} trainable outside the adapter "
-            f"({_names(trainable_base)}): peft_buffers saves what training changes in them with {target}."))
+            f"{plural(len(trainable_base), 'base-model parameter')} trainable outside the adapter "
+            f"({first_names(trainable_base)}): peft_buffers saves what training changes in them with {target}."))
     if unsaved:
         findings.append(_finding(
             "PEFT_BUFFERS_UNSAVED_CHANGES", "warning",
-            f"{_plural(len(unsaved), 'base-model tensor')} changed while no adapter was active "
-            f"({_names(unsaved)}): no adapter file carries them, and they are the base model's values now."))
+            f"{plural(len(unsaved), 'base-model tensor')} changed while no adapter was active "
+            f"({first_names(unsaved)}): no adapter file carries them, and they are the base model's values now."))
     return {"peft_buffers": section, "findings": findings}

@@ -1,189 +1,220 @@
-"""Hooks on PEFT's adapter API: attach at construction, switch the live extra state, disable, load atomically."""
+"""Hooks on PEFT's adapter API that change which adapter computes: attach, switch, disable, unload, combine.
+
+Each hook kind of the registry (``AdapterHook.kind``) has a maker here or in :mod:`._io_hooks` (loading,
+saving, hotswap, reports); :func:`make_hook` dispatches. Every wrapper calls PEFT's original and then brings
+the extra state in line: the adapter that computes now has its own values live.
+
+Tuner methods (``BaseTuner.set_adapter``, ``unload``, ...) run on the tuner, also when called through the
+``PeftModel`` (its ``__getattr__`` forwards to the tuner): the tuner records, at attach, the model whose store
+holds the extra state (:data:`ROOT_ATTR`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
+import warnings
 from typing import Callable
 
+from torch import nn
+
+from .._errors import PeftBuffersWarning
+from .._text import first_names
 from ..core import BASE
 from . import _current
 from . import _peft_view as pv
-from ._healthcheck import extra_state_report
-from ._load import atomic_unless_covered, check_file_once, load_transaction
 from ._native_fields import model_uses_native_fields
-from ._save import SAVING
-from ._save_folder import saving_folder
 from .registry import AdapterHook
 
-__all__ = ["after_adapter_change", "make_hook"]
+__all__ = ["ROOT_ATTR", "after_adapter_change", "make_hook", "root_of"]
+
+#: Attribute of a tuner (``BaseTuner``) naming the ``PeftModel`` / ``PeftMixedModel`` that holds it.
+ROOT_ATTR = "_peft_buffers_root"
 
 
-def after_adapter_change(root, peft_saved_keys: Callable) -> None:
+def root_of(obj: nn.Module) -> nn.Module:
+    """The model whose store holds ``obj``'s extra state: ``obj`` itself, or for a tuner the model it belongs to.
+
+    Example:
+        >>> layer = nn.Linear(1, 1)
+        >>> root_of(layer) is layer
+        True
+    """
+    return obj.__dict__.get(ROOT_ATTR, obj)
+
+
+def after_adapter_change(root: nn.Module, peft_saved_keys: Callable) -> None:
     """Make the active adapter's extra state live; forget the extra state of adapters PEFT no longer has.
 
     A deleted adapter that is still live (PEFT < 0.16 leaves it active until ``set_adapter``) is forgotten at
     the next switch.
     """
-    if _current.patch is None or model_uses_native_fields(root):  # issue 11: that PEFT switches the state itself
+    if _current.patch is None or model_uses_native_fields(root):  # that PEFT switches the state itself
         return
     pv.sync(root, peft_saved_keys)
     store = pv.attached_store(root)
     known = getattr(root, "peft_config", None)
     if store is None or not isinstance(known, dict):
         return
-    for owner in {*store.owned, *store.stored} - {BASE, store.live} - set(known):
+    for owner in {*store.owned, *store.stored} - {BASE, store.live, *store.joint} - set(known):
         store.forget(owner)
 
 
-def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
-    if hook.kind == "attach":
+def _attach(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
+    @functools.wraps(original)
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if _current.patch is not None:
+            pv.ensure_store(self, _current.is_enabled)
+            tuner = self._modules.get("base_model")
+            if tuner is not None and callable(getattr(tuner, "inject_adapter", None)):
+                tuner.__dict__[ROOT_ATTR] = self  # tuner methods find the store through it
 
-        @functools.wraps(original)
-        def init(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            if _current.patch is not None:
-                pv.ensure_store(self, _current.is_enabled)
+    return init
 
-        return init
 
-    if hook.kind == "sync":
+def _sync(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        after_adapter_change(root_of(self), peft_saved_keys)
+        return result
 
+    return method
+
+
+def _layers(enabled: bool) -> Callable:
+    def maker(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
         @functools.wraps(original)
         def method(self, *args, **kwargs):
             result = original(self, *args, **kwargs)
-            after_adapter_change(self, peft_saved_keys)
+            root = root_of(self)
+            store = pv.attached_store(root) if _current.patch is not None else None
+            if store is not None:
+                store.layers_disabled = not enabled
+                after_adapter_change(root, peft_saved_keys)
             return result
 
         return method
 
-    if hook.kind == "structure":
+    return maker
 
-        @functools.wraps(original)
-        def inject_adapter(self, *args, **kwargs):
-            result = original(self, *args, **kwargs)
-            if _current.patch is not None:
-                pv.structure_changed(self)
+
+def _unload(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
+    @functools.wraps(original)
+    def unload(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        root = root_of(self)
+        store = pv.attached_store(root) if _current.patch is not None else None
+        if store is not None:
+            store.unloaded = True  # the base model the call returns computes with its own values from now on
+            pv.sync(root, peft_saved_keys)
+        return result
+
+    return unload
+
+
+def _structure(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
+    @functools.wraps(original)
+    def inject_adapter(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if _current.patch is not None:
+            pv.structure_changed(root_of(self))
+        return result
+
+    return inject_adapter
+
+
+def _combine(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def add_weighted_adapter(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        root = root_of(self)
+        store = pv.attached_store(root) if _current.patch is not None else None
+        if store is None:
+            return result
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        pv.settle(root, store, peft_saved_keys)
+        carried = {name: store.owned_keys(name) for name in arguments.get("adapters") or ()}
+        carried = {name: keys for name, keys in carried.items() if keys}
+        if carried:
+            details = "; ".join(f"{name!r}: {first_names(sorted(keys))}" for name, keys in carried.items())
+            warnings.warn(
+                f"peft_buffers: add_weighted_adapter combines the adapters' weights only: the new adapter "
+                f"{arguments.get('adapter_name')!r} carries no extra state and computes with the base model's "
+                f"values where its sources carry their own ({details}).",
+                PeftBuffersWarning, stacklevel=2)
+        return result
+
+    return add_weighted_adapter
+
+
+def _forward(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
+    @functools.wraps(original)
+    def __getattr__(self, name):
+        value = original(self, name)
+        if name != hook.method or _current.patch is None or not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def forwarded(*args, **kwargs):
+            result = value(*args, **kwargs)
+            after_adapter_change(self, peft_saved_keys)
             return result
 
-        return inject_adapter
+        return forwarded
 
-    if hook.kind == "forward":
+    return __getattr__
 
-        @functools.wraps(original)
-        def __getattr__(self, name):
-            value = original(self, name)
-            if name != hook.method or _current.patch is None or not callable(value):
-                return value
 
-            @functools.wraps(value)
-            def forwarded(*args, **kwargs):
-                result = value(*args, **kwargs)
-                after_adapter_change(self, peft_saved_keys)
-                return result
-
-            return forwarded
-
-        return __getattr__
-
-    if hook.kind == "disable":
-
-        @functools.wraps(original)
-        @contextlib.contextmanager
-        def disable_adapter(self, *args, **kwargs):
-            with original(self, *args, **kwargs) as value:
-                active = _current.patch is not None and not model_uses_native_fields(self)
-                store = pv.attached_store(self) if active else None
-                if store is None:
-                    yield value
-                    return
-                store.disabled_depth += 1
-                try:
-                    pv.sync(self, peft_saved_keys)
-                    yield value
-                finally:
-                    store.disabled_depth -= 1
-                    pv.sync(self, peft_saved_keys)
-
-        return disable_adapter
-
-    if hook.kind == "load":
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def load_adapter(self, *args, **kwargs):
-            if _current.patch is None:
-                return original(self, *args, **kwargs)
-            arguments = signature.bind(self, *args, **kwargs).arguments
-            model_id, name = arguments.get("model_id"), arguments.get("adapter_name")
-            check_file_once(self, model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
-            with atomic_unless_covered(self, f"adapter {name!r} from {model_id}"):
-                return original(self, *args, **kwargs)
-
-        return load_adapter
-
-    if hook.kind == "from_pretrained":
-        function = original.__func__
-        signature = inspect.signature(function)
-
-        @functools.wraps(function)
-        def from_pretrained(cls, *args, **kwargs):
-            if _current.patch is None:
-                return function(cls, *args, **kwargs)
-            arguments = signature.bind(cls, *args, **kwargs).arguments
-            model, model_id = arguments["model"], arguments.get("model_id")
-            with load_transaction(model, f"adapter {arguments.get('adapter_name', 'default')!r} from {model_id}"):
-                check_file_once(model, model_id, {**arguments.get("kwargs", {}), **kwargs}.get("subfolder"))
-                return function(cls, *args, **kwargs)
-
-        return _WrappedClassMethod(from_pretrained, original)
-
-    if hook.kind == "save":
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def save_pretrained(self, *args, **kwargs):
-            if _current.patch is None:
-                return original(self, *args, **kwargs)
-            bound = signature.bind(self, *args, **kwargs)
-            writes = bound.arguments.get("is_main_process", True)
-            token = SAVING.set(True)
+def _disable(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
+    @functools.wraps(original)
+    @contextlib.contextmanager
+    def disable_adapter(self, *args, **kwargs):
+        with original(self, *args, **kwargs) as value:
+            active = _current.patch is not None and not model_uses_native_fields(self)
+            store = pv.attached_store(self) if active else None
+            if store is None:
+                yield value
+                return
+            store.disabled_depth += 1
             try:
-                with saving_folder(self, bound.arguments["save_directory"], is_main_process=writes) as target:
-                    bound.arguments["save_directory"] = target
-                    return original(*bound.args, **bound.kwargs)
+                pv.sync(self, peft_saved_keys)
+                yield value
             finally:
-                SAVING.reset(token)
+                store.disabled_depth -= 1
+                pv.sync(self, peft_saved_keys)
 
-        return save_pretrained
-
-    if hook.kind == "report":
-
-        @functools.wraps(original)
-        def healthcheck(self, *args, **kwargs):
-            result = original(self, *args, **kwargs)
-            if _current.patch is None or model_uses_native_fields(self) or not isinstance(result, dict):
-                return result
-            added = extra_state_report(self, peft_saved_keys)
-            result["peft_buffers"] = added["peft_buffers"]
-            result.setdefault("findings", []).extend(added["findings"])
-            return result
-
-        return healthcheck
-
-    raise ValueError(f"unknown adapter hook kind {hook.kind!r}")
+    return disable_adapter
 
 
-class _WrappedClassMethod(classmethod):
-    """A classmethod whose ``__wrapped__`` is the classmethod object it replaces (what disable() puts back)."""
+MAKERS: dict[str, Callable] = {
+    "attach": _attach,
+    "sync": _sync,
+    "layers_off": _layers(enabled=False),
+    "layers_on": _layers(enabled=True),
+    "unload": _unload,
+    "structure": _structure,
+    "combine": _combine,
+    "forward": _forward,
+    "disable": _disable,
+}
 
-    def __init__(self, function: Callable, wrapped: classmethod):
-        super().__init__(function)
-        self._wrapped = wrapped
 
-    @property
-    def __wrapped__(self) -> classmethod:  # type: ignore[override]
-        return self._wrapped
+def make_hook(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> Callable:
+    """The wrapper of ``original`` for ``hook`` (its kind picks the maker).
 
+    Example:
+        >>> sorted(set(MAKERS) | {"load"}) [:3]
+        ['attach', 'combine', 'disable']
+    """
+    from ._io_hooks import IO_MAKERS
 
+    maker = MAKERS.get(hook.kind) or IO_MAKERS.get(hook.kind)
+    if maker is None:
+        raise ValueError(f"unknown adapter hook kind {hook.kind!r}")
+    return maker(hook, original, peft_saved_keys)

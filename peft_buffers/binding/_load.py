@@ -56,7 +56,7 @@ def make_set(original: Callable, peft_saved_keys: Callable) -> Callable:
         # The store's own snapshot (ExtraStateStore.__peft_buffers_snapshot__) puts back every tensor it swaps.
         with atomic_unless_covered(root, describe):
             result = original(*bound.args, **bound.kwargs)
-            store = pv.ensure_store(root, late=True)  # not seen at attach: base values unknown
+            store = pv.ensure_store(root, late="load")  # not seen at attach: base values unknown
             if fresh is None:
                 pv.settle(root, store, peft_saved_keys, plan.found)  # what the live adapter changed stays its own
             config = root.peft_config[adapter_name] if hasattr(root, "peft_config") else None

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from torch import nn
 
+from .._errors import PeftBuffersWarning
+from .._text import first_names
 from ..core import BASE, BaseTensors, ExtraStateStore, ModelView, Transaction, active_transaction, find_base_tensors
 
-__all__ = ["active_adapter", "attach_walk", "attached_store", "covering_transaction", "ensure_store", "model_view",
-           "settle", "structure_changed", "sync", "wraps_for"]
+__all__ = ["active_adapter", "active_adapters", "attach_walk", "attached_store", "covering_transaction",
+           "ensure_store", "model_view", "settle", "structure_changed", "sync", "wraps_for"]
 
 _STORE_ATTR = "_peft_buffers_store"
 
@@ -38,8 +40,11 @@ def _base_of(root: nn.Module) -> tuple[nn.Module, str]:
     """The base model inside ``root`` and its state-dict prefix."""
     from peft.tuners.tuners_utils import BaseTuner
 
-    if callable(getattr(type(root), "get_base_model", None)):  # PeftModel, PeftMixedModel
+    tuner = root._modules.get("base_model")
+    if callable(getattr(type(root), "get_base_model", None)):  # PeftModel
         base = root.get_base_model()
+    elif isinstance(tuner, BaseTuner):  # PeftMixedModel (its get_base_model is forwarded to the tuner)
+        base = tuner.model
     elif isinstance(root, BaseTuner):  # a tuner (LoraModel, ...) used directly
         base = root.model
     else:  # a transformers model with injected adapters, or a plain module
@@ -74,6 +79,43 @@ def model_view(root: nn.Module) -> ModelView:
     return ModelView(base=base, base_prefix=prefix, owned_types=wrappers, partial_types=tuner_layers)
 
 
+def active_adapters(root: nn.Module) -> list[str]:
+    """Names of the adapters that compute now, first one first (several after ``base_model.set_adapter([...])``).
+
+    For a ``PeftModel`` the tuner's list is the truth: ``PeftModel.active_adapter`` keeps the name it was last
+    given, which PEFT does not update when several adapters are activated on the tuner.
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> active_adapters(get_peft_model(nn.Sequential(nn.Linear(2, 2)), LoraConfig(target_modules=["0"])))
+        ['default']
+    """
+    from peft.tuners.tuners_utils import BaseTuner
+
+    tuner = root._modules.get("base_model")
+    if isinstance(tuner, BaseTuner):
+        names = tuner.active_adapter
+    elif isinstance(root, BaseTuner):
+        names = root.active_adapter
+    else:
+        names = root.__dict__.get("active_adapter") if "active_adapter" in root.__dict__ else None
+        if names is None:
+            try:
+                names = root.active_adapter
+            except AttributeError:
+                names = None
+        # transformers' PeftAdapterMixin: active_adapters() is a method (5.x has no active_adapter at all)
+        if names is None or callable(names):
+            getter = getattr(root, "active_adapters", None)
+            try:
+                names = getter() if callable(getter) else None
+            except (ValueError, AttributeError):
+                names = None
+    if isinstance(names, str):
+        return [names]
+    return [name for name in names if isinstance(name, str)] if isinstance(names, (list, tuple)) else []
+
+
 def active_adapter(root: nn.Module) -> Optional[str]:
     """Name of the adapter that computes now (the first one when several are active), or None.
 
@@ -82,22 +124,8 @@ def active_adapter(root: nn.Module) -> Optional[str]:
         >>> active_adapter(get_peft_model(nn.Sequential(nn.Linear(2, 2)), LoraConfig(target_modules=["0"])))
         'default'
     """
-    names = root.__dict__.get("active_adapter") if "active_adapter" in root.__dict__ else None
-    if names is None:
-        try:
-            names = root.active_adapter
-        except AttributeError:
-            names = None
-    # transformers' PeftAdapterMixin: active_adapters() is a method (5.x has no active_adapter at all)
-    if names is None or callable(names):
-        getter = getattr(root, "active_adapters", None)
-        try:
-            names = getter() if callable(getter) else None
-        except (ValueError, AttributeError):
-            names = None
-    if isinstance(names, (list, tuple)):
-        names = names[0] if names else None
-    return names if isinstance(names, str) else None
+    names = active_adapters(root)
+    return names[0] if names else None
 
 
 def attached_store(root: nn.Module) -> Optional[ExtraStateStore]:
@@ -108,14 +136,15 @@ def attached_store(root: nn.Module) -> Optional[ExtraStateStore]:
 _attach_lock = threading.Lock()
 
 
-def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True, late: bool = False
+def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True, late: Union[bool, str] = False
                  ) -> ExtraStateStore:
     """Attach a store to ``root`` (once, thread-safe) and return it.
 
     The store starts with the active adapter live and takes the base values at once: a copy of every
     persistent buffer, the version of every parameter (:meth:`ExtraStateStore.capture`). ``late`` says the
-    store is attached only now, at a save: then the base values were not seen before training, and the save
-    falls back to carrying every running statistic and every trainable parameter (with a warning).
+    store is attached only now, after the model was created, and where (``"save"``, ``"load"``, ``"query"``,
+    ``"inspect"``): then the base values were not seen before training, and a save falls back to carrying every
+    running statistic and every trainable parameter (with a warning).
     """
     store = attached_store(root)
     if store is not None:
@@ -167,8 +196,16 @@ def covering_transaction(root: nn.Module) -> Optional[Transaction]:
     return transaction
 
 
-def target_owner(root: nn.Module, store: ExtraStateStore) -> Optional[str]:
-    return BASE if store.disabled_depth else active_adapter(root)
+def target_owner(root: nn.Module, store: ExtraStateStore) -> tuple[Optional[str], tuple[str, ...]]:
+    """Whose extra state should be live now, and the other adapters active together with it.
+
+    The base model's own values inside ``disable_adapter()``, after ``disable_adapter_layers()`` and after
+    ``unload()``; otherwise the first active adapter's (with several active, the others are the group).
+    """
+    if store.disabled_depth or store.layers_disabled or store.unloaded:
+        return BASE, ()
+    names = active_adapters(root)
+    return (names[0], tuple(names[1:])) if names else (BASE, ())
 
 
 def settle(root: nn.Module, store: ExtraStateStore, peft_saved_keys: Callable, found: Optional[BaseTensors] = None
@@ -199,11 +236,33 @@ def sync(root: nn.Module, peft_saved_keys: Callable[[nn.Module, str], set]) -> N
     store = attached_store(root)
     if store is None:
         return
-    target = target_owner(root, store)
-    if target == store.live:
+    target, group = target_owner(root, store)
+    if target == store.live and group == store.joint:
         return
     settle(root, store, peft_saved_keys)
+    store.share_joint()  # what changed while a group was active is now each member's own
     store.switch(target)
+    store.joint = group
+    if group:
+        _warn_group(store)
+
+
+def _warn_group(store: ExtraStateStore) -> None:
+    """Several adapters are active, and only the first one's extra state can be live: say what is not."""
+    members = (store.live, *store.joint)
+    hidden = {}
+    for member in store.joint:
+        for key in store.owned_keys(member):
+            if store.value(member, key) is not store.value(store.live, key):
+                hidden.setdefault(member, []).append(key)
+    if not hidden:
+        return
+    details = "; ".join(f"adapter {name!r}: {first_names(sorted(keys))}" for name, keys in hidden.items())
+    warnings.warn(
+        f"peft_buffers: adapters {', '.join(map(repr, members))} are active together, and only {store.live!r}'s "
+        f"extra state is live; the others' own values are not used while the group is active ({details}). "
+        f"What training changes now is saved with each of them.",
+        PeftBuffersWarning, stacklevel=4)
 
 
 def wraps_for(adapter_name: Optional[str]) -> Callable[[nn.Module], bool]:

@@ -11,14 +11,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .._errors import PeftBuffersWarning, escape, listing
+from .._errors import PeftBuffersWarning
+from .._text import first_names, plural
 from ..core import host_copies, is_running_stat
 from . import _current
 from . import _peft_view as pv
 from ._native_fields import model_uses_native_fields
 from ._versions import params
 
-__all__ = ["SAVING", "extra_state_dict", "extra_state_for_save", "make_get", "peft_saved_keys_factory"]
+__all__ = ["SAVING", "extra_state_dict", "extra_state_for_report", "extra_state_for_save", "make_get",
+           "peft_saved_keys_factory"]
 
 #: True while a save_pretrained writes files (set by the "save" hook): extra state then goes to the host at once.
 SAVING: contextvars.ContextVar[bool] = contextvars.ContextVar("peft_buffers_saving", default=False)
@@ -76,17 +78,22 @@ def make_get(original: Callable, peft_saved_keys: Callable) -> Callable:
     return get_peft_model_state_dict
 
 
-def extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set, peft_saved_keys: Callable) -> dict:
+def extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set, peft_saved_keys: Callable,
+                         occasion: str = "save") -> dict:
     """The extra state to add to ``adapter_name``'s saved state dict: what changed while it was live.
 
     Keys are the tensors' live state-dict names; values come from ``state_dict`` when the caller passed one
-    (FSDP, DeepSpeed gather it), else from the live model or the adapter's stored copy.
+    (FSDP, DeepSpeed gather it), else from the live model or the adapter's stored copy. ``occasion`` is why it
+    is asked for: ``"save"`` (PEFT builds a file: what the file lacks or carries inexactly is said in a
+    warning), ``"query"`` (:func:`extra_state_dict`: only an inexact result is said) or ``"inspect"``
+    (peft_buffers' own reports, which say it themselves: no warning).
     """
-    store = pv.ensure_store(root, late=True)
+    store = pv.ensure_store(root, late=occasion)
     found = pv.settle(root, store, peft_saved_keys)
+    store.share_joint()  # each adapter of an active group gets its copy of what changed while it was active
     keys = store.owned_keys(adapter_name)
     if adapter_name == store.live and getattr(store, "late", False):
-        keys |= _late_fallback(store, found, adapter_name)
+        keys |= _late_fallback(store, found, adapter_name, root, occasion)
     extra: dict[str, torch.Tensor] = {}
     for key in [k for k in found.ordered if k in keys] + sorted(keys - set(found.ordered)):
         place = found.get(key) or store.places[key]
@@ -100,15 +107,36 @@ def extra_state_for_save(root, adapter_name: str, state_dict, peft_keys: set, pe
         else:
             tensor = place.tensor
             extra[saved] = tensor.detach() if place.is_parameter else tensor
-    _warn_unsaved(store, adapter_name, found)
+    if occasion == "save":
+        _warn_unsaved(store, adapter_name, found)
+        _warn_joint(store, adapter_name, extra.keys(), found)
     if SAVING.get():  # going to a file: one device-to-host copy for all of it, not one per tensor
         extra = host_copies(extra)
     return extra
 
 
-def _late_fallback(store, found, adapter_name: str) -> set:
-    """Keys to save for a model peft_buffers first saw at this save: every running statistic and trainable
-    parameter (the base values are unknown, so what changed cannot be told)."""
+# Where peft_buffers first saw a model it did not attach to when the model was created (``store.late``).
+_FIRST_SEEN = {"save": "at this save", "load": "when an adapter was loaded into it",
+               "query": "at a peft_buffers.extra_state_dict call", "inspect": "at a peft_buffers report"}
+
+
+def _why_unattached(root) -> str:
+    """Why no store was attached when ``root`` was created: what peft_buffers hooks tells which."""
+    from peft import PeftModel
+
+    if isinstance(root, PeftModel):  # PeftModel.__init__ attaches while peft_buffers is enabled
+        return "it was created while peft_buffers was not enabled (call enable() before get_peft_model / " \
+               "PeftModel.from_pretrained)"
+    if callable(getattr(root, "add_adapter", None)) and callable(getattr(root, "active_adapters", None)):
+        return "its adapters were added while peft_buffers was not enabled (call enable() before " \
+               "model.add_adapter / load_adapter)"
+    return f"peft_buffers attaches to a PeftModel, or at transformers' add_adapter / load_adapter, and this " \
+           f"{type(root).__name__} was built otherwise"
+
+
+def _late_fallback(store, found, adapter_name: str, root, occasion: str) -> set:
+    """Keys to carry for a model peft_buffers first saw after its creation: every running statistic and
+    trainable parameter (the base values are unknown, so what changed cannot be told)."""
     inside_copies = tuple(f".{child}." for child in store.view.owned_children)  # PEFT saves the trained copy
 
     def outside(place) -> bool:
@@ -116,15 +144,34 @@ def _late_fallback(store, found, adapter_name: str) -> set:
 
     keys = {k for k, p in found.buffers.items() if is_running_stat(p) and outside(p)}
     keys |= {k for k, p in found.parameters.items() if p.tensor.requires_grad and outside(p)}
-    if keys and not getattr(store, "late_warned", False):
-        store.late_warned = True
+    warned = store.__dict__.setdefault("late_warned", set())
+    if keys and occasion in ("save", "query") and occasion not in warned:
+        warned.add(occasion)  # once per model and occasion: a file written, a result returned
+        seen = _FIRST_SEEN.get(store.late, "late")
+        what = (f"the file of adapter {adapter_name!r} carries" if occasion == "save"
+                else f"extra_state_dict(model, {adapter_name!r}) returns")
         warnings.warn(
-            f"peft_buffers saw this model for the first time at save (was peft_buffers.enable() called after "
-            f"get_peft_model / from_pretrained?): what training changed is unknown, so adapter "
-            f"{adapter_name!r} carries every running statistic and trainable base parameter ({len(keys)} "
-            f"tensors). Call enable() before creating the PeftModel for exact files.", PeftBuffersWarning, stacklevel=4,
+            f"peft_buffers first saw this model {seen}: {_why_unattached(root)}. Its base values are unknown, so "
+            f"{what} every running statistic and trainable base parameter ({plural(len(keys), 'tensor')}), "
+            f"changed or not.", PeftBuffersWarning, stacklevel=4,
         )
     return keys
+
+
+def _warn_joint(store, adapter_name: str, saved_keys, found) -> None:
+    """Say once, at the first save that carries them, which tensors changed while several adapters were active."""
+    groups: dict[tuple, list[str]] = {}
+    for key, members in store.joint_changes.items():
+        place = found.get(key) or store.places.get(key)
+        if adapter_name in members and place is not None and place.saved_key in saved_keys:
+            if ("joint", key) not in store.warned:
+                store.warned.add(("joint", key))
+                groups.setdefault(members, []).append(place.saved_key)
+    for members, names in groups.items():
+        warnings.warn(
+            f"peft_buffers: {plural(len(names), 'tensor')} changed while adapters {', '.join(map(repr, members))} "
+            f"were active together; they belong to each of them, and each adapter's file carries them: "
+            f"{first_names(sorted(names))}.", PeftBuffersWarning, stacklevel=4)
 
 
 def _warn_unsaved(store, adapter_name: str, found) -> None:
@@ -132,26 +179,23 @@ def _warn_unsaved(store, adapter_name: str, found) -> None:
     messages = []
     unattributed = sorted(set(store.unattributed) - store.warned)
     if unattributed:
-        names = _names(found.get(k).saved_key if found.get(k) else k for k in unattributed)
+        names = first_names(found.get(k).saved_key if found.get(k) else k for k in unattributed)
+        them = "them" if len(unattributed) > 1 else "it"
         messages.append(
-            f"{len(unattributed)} base-model tensor(s) changed while no adapter was active (e.g. training inside "
-            f"disable_adapter()): no adapter file carries them, and they are the base model's values now: {names}"
+            f"{plural(len(unattributed), 'base-model tensor')} changed while no adapter was active (e.g. training "
+            f"inside disable_adapter()): no adapter file carries {them}, and the base model computes with the "
+            f"changed {'values' if len(unattributed) > 1 else 'value'} now: {names}"
         )
     unknown = sorted((store.unknown_base & store.owned_keys(adapter_name)) - store.warned)
     if unknown:
         messages.append(
-            f"adapter {adapter_name!r} carries {len(unknown)} parameter(s) changed in place outside an optimizer "
-            f"before peft_buffers knew their base value; disable_adapter() and other adapters compute with the "
-            f"value first seen: {_names(unknown)}"
+            f"adapter {adapter_name!r} carries {plural(len(unknown), 'parameter')} changed in place outside an "
+            f"optimizer before peft_buffers knew the base value; disable_adapter() and other adapters compute "
+            f"with the value first seen: {first_names(unknown)}"
         )
     if messages:
         store.warned.update(unattributed, unknown)
         warnings.warn("peft_buffers: " + " | ".join(messages), PeftBuffersWarning, stacklevel=4)
-
-
-def _names(keys) -> str:
-    """The first keys, escaped, then how many more: a warning stays short however many tensors it is about."""
-    return listing((escape(key) for key in keys), what="tensor(s)", separator=", ")
 
 
 def extra_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
@@ -159,22 +203,48 @@ def extra_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> di
 
     Every base-model buffer and parameter that changed while the adapter was live (or that its file
     carried), minus what PEFT saves itself, keyed as in the adapter file. Works whether or not
-    :func:`enable` was called (without it, only models created while it was on know their base values).
+    :func:`enable` is on now. A model created while peft_buffers was not enabled has no known base values:
+    then the result holds every running statistic and trainable base parameter, changed or not, as a save
+    would, and a :class:`~peft_buffers.PeftBuffersWarning` says so (once per model).
+
+    Example:
+        >>> import peft_buffers
+        >>> from torch import nn
+        >>> from peft import LoraConfig, get_peft_model
+        >>> _ = peft_buffers.enable()
+        >>> model = get_peft_model(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)),
+        ...                        LoraConfig(target_modules=["0"]))
+        >>> extra_state_dict(model)  # nothing changed yet
+        {}
+        >>> _ = model(torch.randn(4, 2))  # a train-mode forward moves the statistics
+        >>> sorted(extra_state_dict(model))  # doctest: +NORMALIZE_WHITESPACE
+        ['base_model.model.1.num_batches_tracked', 'base_model.model.1.running_mean',
+         'base_model.model.1.running_var']
+        >>> peft_buffers.disable()
+    """
+    return _extra_state(model, adapter_name, "query")
+
+
+def extra_state_for_report(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """:func:`extra_state_dict` for peft_buffers' own reports (``audit``, ``check_reload``): no warning, the
+    report says what matters.
 
     Example:
         >>> from torch import nn
         >>> from peft import LoraConfig, get_peft_model
         >>> model = get_peft_model(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)),
-        ...                        LoraConfig(target_modules=["0"]))
-        >>> _ = model(torch.randn(4, 2))  # a train-mode forward moves the statistics
-        >>> sorted(extra_state_dict(model))  # doctest: +NORMALIZE_WHITESPACE
-        ['base_model.model.1.num_batches_tracked', 'base_model.model.1.running_mean',
-         'base_model.model.1.running_var']
+        ...                        LoraConfig(target_modules=["0"]))  # created without peft_buffers
+        >>> sorted(extra_state_for_report(model))  # base values unknown: every running statistic
+        ['base_model.model.1.num_batches_tracked', 'base_model.model.1.running_mean', 'base_model.model.1.running_var']
     """
+    return _extra_state(model, adapter_name, "inspect")
+
+
+def _extra_state(model: nn.Module, adapter_name: Optional[str], occasion: str) -> dict[str, torch.Tensor]:
     from peft.utils import save_and_load
 
     original_get = getattr(save_and_load.get_peft_model_state_dict, "__wrapped__",
                            save_and_load.get_peft_model_state_dict)
     name = adapter_name if adapter_name is not None else pv.active_adapter(model)
     peft_keys = set(pv.quiet(original_get, model, adapter_name=name))
-    return extra_state_for_save(model, name, None, peft_keys, peft_saved_keys_factory(original_get))
+    return extra_state_for_save(model, name, None, peft_keys, peft_saved_keys_factory(original_get), occasion)

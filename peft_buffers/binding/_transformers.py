@@ -138,7 +138,7 @@ def _switch(root: torch.nn.Module, peft_saved_keys: Callable, deleted: tuple[str
     if store is None:
         return
     # transformers' disable_adapters() is a switch, not a context manager: the layers' flag says which.
-    store.disabled_depth = 1 if _tuner_layers_disabled(root) else 0
+    store.layers_disabled = _tuner_layers_disabled(root)
     pv.sync(root, peft_saved_keys)
     for name in deleted:
         if name != store.live:

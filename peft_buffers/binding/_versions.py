@@ -114,7 +114,7 @@ def structure_differences(entry: PatchEntry) -> list[str]:
             continue
         method = owner.__dict__.get(attr)
         if method is None:
-            differences.append(f"{hook.target} is not defined on {owner.__qualname__}")
+            differences.append(f"{hook.target} is not defined on {getattr(owner, '__qualname__', owner.__name__)}")
             continue
         method = getattr(method, "__wrapped__", method)
         found = params(method)

@@ -36,6 +36,8 @@ from typing import Optional
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from ._api_table import HOOKS
+
 __all__ = ["AdapterHook", "PatchEntry", "REGISTRY", "beyond_table", "entry_for", "newest_entry", "range_text",
            "readme_with_table", "support_table", "supported_range"]
 
@@ -82,32 +84,26 @@ class PatchEntry:
     get_sites: tuple[str, ...]
     set_sites: tuple[str, ...]
     load_result: str = "torch.nn.modules.module._IncompatibleKeys"
-    adapter_hooks: tuple[AdapterHook, ...] = ()
+    adapter_hooks: tuple[AdapterHook, ...] = ()  # default: every hook of _api_table.HOOKS the line defines
     transformers: str = "5.24.0"
+
+    def __post_init__(self) -> None:
+        if not self.adapter_hooks:
+            object.__setattr__(self, "adapter_hooks", _hooks_for(self.line))
 
     def covers(self, version: Version) -> bool:
         return self.versions.contains(version, prereleases=True)
 
 
-_ATTACH = AdapterHook("peft.peft_model:PeftModel.__init__", "attach", params=("self", "model", "peft_config"))
-_SET_ADAPTER = AdapterHook("peft.peft_model:PeftModel.set_adapter", "sync", params=("self", "adapter_name"))
-_DISABLE = AdapterHook("peft.peft_model:PeftModel.disable_adapter", "disable")
-_LOAD = AdapterHook("peft.peft_model:PeftModel.load_adapter", "load", params=("self", "model_id", "adapter_name"))
-_FROM_PRETRAINED = AdapterHook("peft.peft_model:PeftModel.from_pretrained", "from_pretrained",
-                               params=("cls", "model", "model_id", "adapter_name"))
-_SAVE = AdapterHook("peft.peft_model:PeftModel.save_pretrained", "save", params=("self", "save_directory"))
-_INJECT = AdapterHook("peft.tuners.tuners_utils:BaseTuner.inject_adapter", "structure",
-                      params=("self", "model", "adapter_name"))
-# PeftModel.delete_adapter exists from 0.16; before, PeftModel.__getattr__ forwards it to the tuner.
-_HOOKS_V06 = (_ATTACH, _SET_ADAPTER, AdapterHook("peft.peft_model:PeftModel.__getattr__", "forward",
-                                                 "delete_adapter", params=("self", "name")),
-              _DISABLE, _LOAD, _FROM_PRETRAINED, _SAVE, _INJECT)
-_HOOKS_V16 = (_ATTACH, _SET_ADAPTER,
-              AdapterHook("peft.peft_model:PeftModel.delete_adapter", "sync", params=("self", "adapter_name")),
-              _DISABLE, _LOAD, _FROM_PRETRAINED, _SAVE, _INJECT)
+def _hooks_for(line: str) -> tuple[AdapterHook, ...]:
+    """The hooks of :data:`._api_table.HOOKS` whose methods the line defines (every release of a line has them)."""
+    version = Version(f"{line}.0")
+    return tuple(
+        AdapterHook(h.target, h.kind, h.method, h.params)
+        for h in HOOKS
+        if version >= Version(f"{h.since}.0") and (not h.until or version <= Version(f"{h.until}.0"))
+    )
 
-# PEFT 0.22's pre-training check: peft_buffers adds what training will move outside the adapter.
-_HOOKS_V22 = _HOOKS_V16 + (AdapterHook("peft.peft_model:PeftModel.healthcheck", "report"),)
 
 _GET_V06 = ("model", "state_dict", "adapter_name", "unwrap_compiled")
 _GET_V07 = _GET_V06 + ("save_embedding_layers",)
@@ -137,37 +133,24 @@ def _line(line: str, next_line: str) -> SpecifierSet:
 
 REGISTRY: tuple[PatchEntry, ...] = (
     PatchEntry("0.6", _line("0.6", "0.7"), "0.6.2", _GET_V06, _SET_V06, _SITES_V06, _SITES_V06,
-               adapter_hooks=_HOOKS_V06, transformers=_TRANSFORMERS_4),
-    PatchEntry("0.7", _line("0.7", "0.8"), "0.7.1", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06,
-               adapter_hooks=_HOOKS_V06),
-    PatchEntry("0.8", _line("0.8", "0.9"), "0.8.2", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06,
-               adapter_hooks=_HOOKS_V06),
-    PatchEntry("0.9", _line("0.9", "0.10"), "0.9.0", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06,
-               adapter_hooks=_HOOKS_V06),
-    PatchEntry("0.10", _line("0.10", "0.11"), "0.10.0", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06,
-               adapter_hooks=_HOOKS_V06),
-    PatchEntry("0.11", _line("0.11", "0.12"), "0.11.1", _GET_V07, _SET_V11, _GET_SITES_V11, _SITES_V06,
-               adapter_hooks=_HOOKS_V06),
-    PatchEntry("0.12", _line("0.12", "0.13"), "0.12.0", _GET_V07, _SET_V11, _GET_SITES_V11, _SITES_V06,
-               adapter_hooks=_HOOKS_V06),
-    PatchEntry("0.13", _line("0.13", "0.14"), "0.13.2", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
-               adapter_hooks=_HOOKS_V06),
-    PatchEntry("0.14", _line("0.14", "0.15"), "0.14.0", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
-               adapter_hooks=_HOOKS_V06),
-    PatchEntry("0.15", _line("0.15", "0.16"), "0.15.2", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
-               adapter_hooks=_HOOKS_V06),
+               transformers=_TRANSFORMERS_4),
+    PatchEntry("0.7", _line("0.7", "0.8"), "0.7.1", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06),
+    PatchEntry("0.8", _line("0.8", "0.9"), "0.8.2", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06),
+    PatchEntry("0.9", _line("0.9", "0.10"), "0.9.0", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06),
+    PatchEntry("0.10", _line("0.10", "0.11"), "0.10.0", _GET_V07, _SET_V06, _SITES_V06, _SITES_V06),
+    PatchEntry("0.11", _line("0.11", "0.12"), "0.11.1", _GET_V07, _SET_V11, _GET_SITES_V11, _SITES_V06),
+    PatchEntry("0.12", _line("0.12", "0.13"), "0.12.0", _GET_V07, _SET_V11, _GET_SITES_V11, _SITES_V06),
+    PatchEntry("0.13", _line("0.13", "0.14"), "0.13.2", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13),
+    PatchEntry("0.14", _line("0.14", "0.15"), "0.14.0", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13),
+    PatchEntry("0.15", _line("0.15", "0.16"), "0.15.2", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13),
     PatchEntry("0.16", _line("0.16", "0.17"), "0.16.0", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
-               adapter_hooks=_HOOKS_V16, transformers=_TRANSFORMERS_4),
+               transformers=_TRANSFORMERS_4),
     PatchEntry("0.17", _line("0.17", "0.18"), "0.17.1", _GET_V07, _SET_V13, _GET_SITES_V11, _SET_SITES_V13,
-               adapter_hooks=_HOOKS_V16, transformers=_TRANSFORMERS_4),
-    PatchEntry("0.18", _line("0.18", "0.19"), "0.18.1", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
-               adapter_hooks=_HOOKS_V16),
-    PatchEntry("0.19", _line("0.19", "0.20"), "0.19.1", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
-               adapter_hooks=_HOOKS_V16),
-    PatchEntry("0.20", _line("0.20", "0.21"), "0.20.0", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
-               adapter_hooks=_HOOKS_V16),
-    PatchEntry("0.21", _line("0.21", "0.22"), "0.21.2", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
-               adapter_hooks=_HOOKS_V16),
+               transformers=_TRANSFORMERS_4),
+    PatchEntry("0.18", _line("0.18", "0.19"), "0.18.1", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18),
+    PatchEntry("0.19", _line("0.19", "0.20"), "0.19.1", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18),
+    PatchEntry("0.20", _line("0.20", "0.21"), "0.20.0", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18),
+    PatchEntry("0.21", _line("0.21", "0.22"), "0.21.2", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18),
     # 0.22 (from the 0.21.2 -> 0.22.0 diff of save_and_load, peft_model, mixed_model, tuners_utils, hotswap):
     # - the functions keep 0.21's signatures and binding sites; the adapter hooks are the same methods.
     # - get_peft_model_state_dict filters other adapters' keys by tuner prefix (an adapter named like a module
@@ -185,7 +168,7 @@ REGISTRY: tuple[PatchEntry, ...] = (
     # - hotswap: adapter keys found by tuner prefix, Conv dilation/padding_mode, config checked against the
     #   adapter being replaced (not the active one).
     PatchEntry("0.22", _line("0.22", "0.23"), "0.22.0", _GET_V07, _SET_V13, _GET_SITES_V18, _SET_SITES_V18,
-               adapter_hooks=_HOOKS_V22, transformers="5.25.0"),
+               transformers="5.25.0"),
 )
 
 

@@ -11,27 +11,21 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
 from .. import __version__
 from .._errors import CommandError
 from . import _convert, _demo, _doctor, _inspect
+from ._common import print_error
+from ._common import prog as _prog
 
 # Order of the list in --help.
 COMMANDS: dict[str, ModuleType] = {"demo": _demo, "inspect": _inspect, "doctor": _doctor, "convert": _convert}
 
-PROG = "python -m peft_buffers"
-SCRIPT = "peft-buffers"  # the console script (setup.cfg's entry point): its usage lines name it instead
 DESCRIPTION = ("peft_buffers: PEFT adapter files that also carry the base-model state training changed (running "
                "statistics, trained direct parameters).")
 EPILOG = "Run '{prog} COMMAND --help' for the options of a command."
-
-
-def _prog() -> str:
-    return SCRIPT if Path(sys.argv[0]).name == SCRIPT else PROG
 
 
 def plain_text(docstring: str) -> str:
@@ -89,5 +83,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.run(args)
     except CommandError as error:
-        print(f"{_prog()} {args.command}: error: {error}", file=sys.stderr)
+        print_error(args.command, str(error))
         return 2

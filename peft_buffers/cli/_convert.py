@@ -13,37 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from packaging.version import InvalidVersion, Version
 
-from .._errors import PeftBuffersError, escape, listing
+from .._errors import ConversionRefused, escape
+from .._text import plural
 from ..binding.registry import CONFIG_METADATA_FIELDS, REGISTRY, config_fields_data, entry_for, supported_range
+from ._common import print_error
 
 __all__ = ["ConfigChange", "ConversionRefused", "ConvertReport", "convert"]
 
 CONFIG_NAME = "adapter_config.json"
-
-
-class ConversionRefused(PeftBuffersError, ValueError):
-    """The adapter folder cannot be made loadable by the requested PEFT release without changing the adapter.
-
-    ``problems`` lists each reason (one line each: the file, the field, its value, what the release supports).
-
-    Example:
-        >>> str(ConversionRefused("0.6", ["a/adapter_config.json: field use_dora = true ..."])).splitlines()[0]
-        'cannot convert for PEFT 0.6 without changing the adapter (1 problem):'
-    """
-
-    def __init__(self, target: str, problems: list[str]):
-        self.target = target
-        self.problems = list(problems)
-        listed = listing(f"- {escape(problem, limit=1000)}" for problem in self.problems)
-        count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
-        super().__init__(f"cannot convert for PEFT {target} without changing the adapter ({count}):\n{listed}")
 
 
 @dataclass(frozen=True)
@@ -72,7 +55,7 @@ class ConvertReport:
 
     def __str__(self) -> str:
         head = (f"{self.source} -> PEFT {self.target_line} (fields as in {self.target_tested}): "
-                f"{len(self.configs)} adapter config(s), {len(self.dropped)} field(s) dropped")
+                f"{plural(len(self.configs), 'adapter config')}, {plural(len(self.dropped), 'field')} dropped")
         tail = f"written to {self.written}" if self.written else "nothing written (--check)"
         return "\n".join([head, *(f"  {change}" for change in self.dropped), tail])
 
@@ -201,7 +184,8 @@ def convert(source: Union[str, Path], to_peft: str, out: Optional[Union[str, Pat
         raise ValueError("convert needs an output folder (out=..., --out DST) unless check=True (--check)")
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{escape(out)} exists; convert writes a new folder: choose another --out or remove it")
+        raise FileExistsError(f"{escape(out)} exists; convert writes a new folder: choose another --out or remove "
+                              f"it")
     if out.resolve().is_relative_to(source.resolve()):
         raise ValueError(f"--out {escape(out)} is inside the source folder {escape(source)}; choose a folder "
                          f"outside it")
@@ -236,16 +220,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", metavar="SRC", type=Path, help="adapter folder written by save_pretrained")
     parser.add_argument("--to-peft", required=True, metavar="VERSION",
                         help=f"PEFT release that must load it (a registry line: {lines}, e.g. 0.13 or 0.13.2)")
+    # One of the two, never both: the usage line shows (--out DST | --check), and each help says so.
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("--out", metavar="DST", type=Path, help="new folder to write the converted copy to")
-    action.add_argument("--check", action="store_true", help="only report what would change; write nothing")
+    action.add_argument("--out", metavar="DST", type=Path,
+                        help="new folder to write the converted copy to (or --check, not both)")
+    action.add_argument("--check", action="store_true",
+                        help="only report what would change; write nothing (instead of --out)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         report = convert(args.source, args.to_peft, out=args.out, check=args.check)
     except (ConversionRefused, ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error("convert", str(error))
         return 1
     print(report)
     return 0

@@ -6,16 +6,18 @@ and every binding site and adapter hook, each patched or not. With ``--deep`` ev
 first, so a module that binds PEFT's state-dict functions but is missing from the registry entry shows up as
 an unpatched binding site.
 
-A path that cannot work with the installed pair is reported as UNUSABLE, with the fix: transformers' own
-adapter methods (``model.add_adapter``, ``load_adapter``, ...) refuse a PEFT older than the installed
-transformers' ``MIN_PEFT_VERSION`` (transformers 5.24 wants PEFT >= 0.22). ``PeftModel`` is not affected.
+A path that cannot work with the installed pair is reported as UNUSABLE, with fixes that are pairs CI tests:
+transformers' own adapter methods (``model.add_adapter``, ``load_adapter``, ...) refuse a PEFT older than the
+installed transformers' ``MIN_PEFT_VERSION`` (transformers 5.24 wants PEFT >= 0.22). ``PeftModel`` is not
+affected.
 
 ``--support-table`` prints the README's table of supported PEFT lines, generated from the registry;
 ``--update-readme`` writes it between the README's markers.
 
 Exit status: 0 when the patch applies cleanly (an UNUSABLE transformers-native path included: PEFT's own
 ``PeftModel`` path works); 1 when it does not (unsupported PEFT, an unpatched site); with ``--strict`` also 1
-when this PEFT release or its transformers is not the pair CI tests; 2 for a usage error.
+when this PEFT release or its transformers is not the pair CI tests; 2 for a usage error. The last line,
+``result: ...``, says which: it reads OK exactly when the exit status is 0.
 """
 
 from __future__ import annotations
@@ -38,20 +40,23 @@ from packaging.version import Version
 from .. import __version__, binding
 from .._errors import CommandError, PeftBuffersError, escape
 from ..binding import NATIVE_FIELDS_NOTE, mixin_min_peft, peft_has_native_fields
+from ..binding._api_table import classify, installed_api
 from ..binding.registry import (
     GET,
     README_END,
     README_START,
+    REGISTRY,
     SET,
     TESTED_TORCH,
-    TRANSFORMERS_REGISTRY,
     PatchEntry,
+    entry_for,
     range_text,
     readme_with_table,
     support_table,
+    transformers_entry_for,
 )
 
-__all__ = ["HELP", "add_arguments", "doctor_report", "run"]
+__all__ = ["HELP", "add_arguments", "doctor_report", "run", "verdict"]
 
 HELP = "versions, registry entry, binding sites; what cannot work with this pair, and the fix"
 NATIVE = "transformers-native adapters"
@@ -100,11 +105,27 @@ def _entry_summary(entry: PatchEntry) -> dict:
             "transformers": entry.transformers}
 
 
-def _newest_transformers_accepting(peft_version: Version) -> Optional[str]:
-    """The newest transformers release CI tests whose adapter methods accept ``peft_version``."""
-    accepting = [Version(e.tested) for e in TRANSFORMERS_REGISTRY
-                 if e.tested_min_peft is not None and Version(e.tested_min_peft) <= peft_version]
-    return str(max(accepting)) if accepting else None
+def _accepts(transformers: str, peft_version: Version) -> bool:
+    """Whether the adapter methods of ``transformers`` accept ``peft_version``, as the registry records them."""
+    entry = transformers_entry_for(Version(transformers))
+    return entry is None or entry.tested_min_peft is None or peft_version >= Version(entry.tested_min_peft)
+
+
+def _native_fixes(peft_version: Version, transformers: str, minimum: Version) -> list[str]:
+    """Fixes for transformers-native adapters that agree with the pairs CI tests (the registry's own pairs)."""
+    fixes = []
+    entry = entry_for(peft_version)
+    if entry is not None and entry.transformers != transformers and _accepts(entry.transformers, peft_version):
+        fixes.append(f"pip install transformers=={entry.transformers} (the pair CI tests with peft {entry.line}.x)")
+    upgrades = [e for e in REGISTRY if Version(e.tested) > peft_version and Version(e.tested) >= minimum
+                and _accepts(e.transformers, Version(e.tested))]
+    if upgrades:
+        newest = max(upgrades, key=lambda e: Version(e.tested))
+        pins = f"peft=={newest.tested}" + ("" if newest.transformers == transformers
+                                           else f" transformers=={newest.transformers}")
+        fixes.append(f"pip install {pins} (CI tests peft {newest.tested} with transformers {newest.transformers})")
+    fixes.append("use PEFT's PeftModel (get_peft_model, PeftModel.from_pretrained), which works with this pair")
+    return fixes
 
 
 def _unusable_paths(peft_version: Version, transformers: Optional[str]) -> list[dict]:
@@ -112,10 +133,7 @@ def _unusable_paths(peft_version: Version, transformers: Optional[str]) -> list[
     minimum = mixin_min_peft() if transformers else None
     if minimum is None or peft_version >= minimum:
         return []
-    newest = _newest_transformers_accepting(peft_version)
-    fix = (f"pip install transformers=={newest} (the newest transformers CI tests that accepts peft "
-           f"{peft_version}), or use PEFT's PeftModel (get_peft_model, PeftModel.from_pretrained)"
-           if newest else f"install a transformers release that accepts peft {peft_version}")
+    fix = "; or ".join(_native_fixes(peft_version, transformers, minimum))
     return [{"path": NATIVE,
              "reason": f"model.add_adapter, load_adapter, set_adapter, ... raise ValueError: transformers "
                        f"{transformers} requires peft >= {minimum} (its MIN_PEFT_VERSION), installed peft "
@@ -169,6 +187,10 @@ def doctor_report(deep: bool = False) -> dict:
                                f"not {versions['transformers']}")
     if deep:
         report["import_failures"] = _import_every_peft_module()
+        report["adapter_api"] = adapter_api_rows(entry)
+        report["problems"] += [f"{row['method']} is a public method of PEFT's adapter API that peft_buffers does not "
+                               f"classify: whether it changes which adapter computes is unknown"
+                               for row in report["adapter_api"] if row["kind"] is None]
     differences = binding.versions.structure_differences(entry)
     if differences:
         report["problems"] += [f"the {entry.line}.x entry does not match this peft: {d}" for d in differences]
@@ -204,7 +226,7 @@ def doctor_report(deep: bool = False) -> dict:
     return report
 
 
-def _format(report: dict) -> str:
+def _format(report: dict, strict: bool = False) -> str:
     lines = ["peft_buffers doctor"]
     lines += [f"  {name:<13} {value or 'not installed'}" for name, value in report["versions"].items()]
     entry = report["entry"]
@@ -220,18 +242,62 @@ def _format(report: dict) -> str:
         lines += [f"  [{'patched' if s['patched'] else 'NOT PATCHED'}] {s['site']}" for s in report["sites"]]
         lines.append("adapter hooks:")
         lines += [f"  [{_hook_state(s)}] {s['site']}" for s in report["hooks"]]
+    if report.get("adapter_api"):
+        rows = report["adapter_api"]
+        lines.append(f"adapter API ({len(rows)} public methods; {sum(r['hooked'] for r in rows)} hooked):")
+        lines += [f"  [{'hooked ' + r['kind'] if r['hooked'] else r['kind'] or 'NOT CLASSIFIED'}] {r['method']}: "
+                  f"{r['meaning']}" for r in rows]
     lines += [f"note: {note}" for note in report["notes"]]
     for path in report["unusable"]:
         lines.append(f"UNUSABLE: {path['path']}: {path['reason']}. Fix: {path['fix']}")
     lines += [f"PROBLEM: {problem}" for problem in report["problems"]]
-    if report["problems"]:
-        lines.append("result: problems found")
-    elif report["unusable"]:
-        lines.append("result: OK for PeftModel; UNUSABLE with this pair: "
-                     + ", ".join(p["path"] for p in report["unusable"]) + " (fix above)")
-    else:
-        lines.append("result: OK")
+    lines.append(verdict(report, strict)[1])
     return "\n".join(lines)
+
+
+def adapter_api_rows(entry: PatchEntry) -> list[dict]:
+    """The installed PEFT's adapter API as the registry classifies it: one row per public method.
+
+    Example:
+        >>> rows = adapter_api_rows(binding.versions.select_entry(binding.versions.installed_peft_version())[0])
+        >>> next(r for r in rows if r["method"] == "PeftModel.load_adapter")["hooked"]
+        True
+    """
+    hooked = {hook.target for hook in entry.adapter_hooks}
+    rows = []
+    for (owner, name), target in sorted(installed_api().items()):
+        found = classify(owner, name)
+        method = f"{owner}.{name}" if owner else target.replace(":", ".")
+        rows.append({"method": method, "kind": found.kind if found else None,
+                     "hooked": target in hooked, "meaning": found.meaning if found else ""})
+    return rows
+
+
+def verdict(report: dict, strict: bool = False) -> tuple[int, str]:
+    """The exit status and the last line of the report: they always agree (a line that reads OK exits 0).
+
+    Example:
+        >>> verdict({"problems": [], "unusable": [], "entry": None, "tested_release": True,
+        ...          "tested_transformers": True})
+        (0, 'result: OK')
+    """
+    if report["problems"]:
+        return 1, "result: problems found"
+    tested = report["tested_release"] and report["tested_transformers"]
+    if strict and not tested:
+        return 1, f"result: FAILED (--strict): {_pair_text(report)}"
+    if report["unusable"]:
+        return 0, ("result: OK for PeftModel; UNUSABLE with this pair: "
+                   + ", ".join(p["path"] for p in report["unusable"]) + " (fix above)")
+    if not tested:
+        return 0, f"result: OK; {_pair_text(report)} (notes above)"
+    return 0, "result: OK"
+
+
+def _pair_text(report: dict) -> str:
+    versions, entry = report["versions"], report["entry"]
+    return (f"peft {versions['peft']} with transformers {versions['transformers']} is not the pair CI tests "
+            f"(peft {entry['tested']} with transformers {entry['transformers']})")
 
 
 def _hook_state(site: dict) -> str:
@@ -289,7 +355,6 @@ def run(args: argparse.Namespace) -> int:
         _update_readme(args.update_readme)
         return 0
     report = doctor_report(deep=args.deep)
-    print(json.dumps(report, indent=2) if args.json else _format(report))
-    failed = bool(report["problems"]) or (args.strict and not (report["tested_release"]
-                                                                and report["tested_transformers"]))
-    return 1 if failed else 0
+    status, result = verdict(report, strict=args.strict)
+    print(json.dumps({**report, "result": result}, indent=2) if args.json else _format(report, strict=args.strict))
+    return status

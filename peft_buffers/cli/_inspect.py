@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Optional, TextIO
 
 from .._errors import escape
 from ..core import RUNNING_STAT_NAMES
+from ._common import print_error
 
 __all__ = ["HELP", "AdapterFileSummary", "add_arguments", "inspect_adapter", "run"]
 
@@ -33,6 +35,7 @@ _TUNER_PREFIXES = ("lora_", "hada_", "lokr_", "ia3_", "oft_", "boft_", "vera_", 
 # torch's names of buffers that training moves: spectral norm (both APIs), observers and fake-quant modules.
 _BUFFER_NAMES = ("_u", "_v", "weight_u", "weight_v", "scale", "zero_point", "min_val", "max_val", "min_vals",
                  "max_vals", "histogram", "fake_quant_enabled", "observer_enabled", "eps")
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")  # read with torch.load(weights_only=True)
 _INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -108,9 +111,24 @@ def _read_tensor_infos(path: Path) -> list[TensorInfo]:
                     count *= dim
                 infos.append(TensorInfo(key, shape, dtype, count * _DTYPE_BYTES.get(dtype, 0)))
         return infos
+    if path.suffix == ".json":
+        raise ValueError(f"{path.name} is a config file, not adapter weights: pass the adapter folder "
+                         f"({path.parent}) or its adapter_model.safetensors / adapter_model.bin")
+    if path.suffix not in _TORCH_SUFFIXES:
+        raise ValueError(f"{path.name} is not an adapter weights file (.safetensors, or .bin from torch.save): "
+                         f"pass the adapter folder or its adapter_model.safetensors")
     import torch
 
-    state = torch.load(str(path), map_location="meta", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="meta", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch's text asks to file an issue with torch: say what it means
+        # torch's own cause, without its advice (weights_only=False, filing an issue): the unpickler's line
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        detail = found.group(1).strip() if found else str(error).strip().splitlines()[0]
+        raise ValueError(f"not a weights file torch.load reads with weights_only=True ({detail}): pass the "
+                         f"adapter folder or its adapter_model.safetensors") from error
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a state dict of tensors")
     return [
         TensorInfo(k, tuple(v.shape), str(v.dtype).replace("torch.", ""), v.numel() * v.element_size())
         for k, v in state.items()
@@ -141,7 +159,7 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
         ...            "base_model.model.fc.lora_A.weight": torch.zeros(2, 4)}, d + "/adapter_model.safetensors")
         >>> summary = inspect_adapter(d)
         >>> list(summary.running_stats), [i.key for i in summary.adapter]
-        (['bn'], ['base_model.model.fc.lora_A.weight'])
+        (['base_model.model.bn'], ['base_model.model.fc.lora_A.weight'])
     """
     path = Path(directory)
     if not path.exists():
@@ -165,7 +183,7 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
         base_key = info.key.removeprefix("base_model.model.")
         in_saved_module = any(f".{m}." in f".{base_key}" for m in modules_to_save)
         if parts[-1] in RUNNING_STAT_NAMES and not in_saved_module:
-            module = base_key.rsplit(".", 1)[0]
+            module = info.key.rsplit(".", 1)[0]  # named in full, as every other listed key
             summary.running_stats.setdefault(module, []).append(info)
         elif (
             any(p.startswith(_TUNER_PREFIXES) for p in parts)
@@ -201,7 +219,7 @@ def run(args: argparse.Namespace, out: Optional[TextIO] = None, err: Optional[Te
 
     Example:
         >>> run(argparse.Namespace(dirs=["/nonexistent"]), err=sys.stdout)
-        peft_buffers inspect: cannot read /nonexistent: no such file or directory
+        python -m peft_buffers inspect: error: cannot read /nonexistent: no such file or directory
         1
     """
     out, err = out or sys.stdout, err or sys.stderr
@@ -210,6 +228,6 @@ def run(args: argparse.Namespace, out: Optional[TextIO] = None, err: Optional[Te
         try:
             print(inspect_adapter(directory).render(), file=out)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-            print(f"peft_buffers inspect: cannot read {directory}: {exc}", file=err)
+            print_error("inspect", f"cannot read {directory}: {exc}", file=err)
             status = 1
     return status

@@ -185,7 +185,7 @@ def _bad_values(key: str, value: torch.Tensor) -> Optional[ExtraStateMismatch]:
     if not bool(finite.all()):
         bad = int((~finite).sum())
         return ExtraStateMismatch(key, "running statistic has non-finite values", "finite values",
-                                  f"{bad} NaN/Inf value(s) of {value.numel()}", _FIX_VALUES)
+                                  f"{bad} NaN/Inf {'value' if bad == 1 else 'values'} of {value.numel()}", _FIX_VALUES)
     if key.endswith("running_var") and bool((value < 0).any()):
         lowest = float(value.min())
         return ExtraStateMismatch(key, "running variance is negative", "values >= 0",

@@ -10,7 +10,8 @@ from torch import nn
 
 from .. import binding as pv
 from .._errors import escape
-from ..binding import extra_state_dict, is_enabled
+from .._text import plural
+from ..binding import extra_state_for_report, is_enabled
 from ._common import TensorEntry, adapter_tensors, base_tensors, saved_layout
 from ._fingerprint import EXACT_BELOW_BYTES, Fingerprint, fingerprint
 
@@ -117,8 +118,10 @@ class AuditReport:
             problems.append(f"  - none of the {len(trainable)} trainable adapter tensors changed: was the optimizer "
                             f"built with the PEFT model's parameters, and did it step?")
         if problems:
-            head = (f"training changed {len(offenders)} base-model tensor(s) besides the adapter (freeze them, or "
-                    f"pass their names in allow=[...] if you meant to train them):"
+            them = "them" if len(offenders) > 1 else "it"
+            head = (f"training changed {plural(len(offenders), 'base-model tensor')} besides the adapter (freeze "
+                    f"{them}, or pass {'their names' if len(offenders) > 1 else 'its name'} in allow=[...] if you "
+                    f"meant to train {them}):"
                     if offenders else "training did not change the adapter:")
             raise AssertionError("\n".join([head, *problems]))
 
@@ -180,7 +183,7 @@ def _peft_saved_keys(model: nn.Module, adapter_name: Optional[str]) -> set[str]:
 def _extra_keys(model: nn.Module, adapter_name: Optional[str]) -> set[str]:
     if adapter_name is None or adapter_name not in getattr(model, "peft_config", {}):
         return set()
-    return set(extra_state_dict(model, adapter_name))
+    return set(extra_state_for_report(model, adapter_name))
 
 
 class Audit:

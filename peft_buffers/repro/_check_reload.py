@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import binding as pv
+from .._text import plural
 from ._common import short_list
 from ._explain import explain
 from ._reload_causes import (
@@ -54,10 +55,10 @@ class ReloadReport:
     def __str__(self) -> str:
         where = f"compared in eval mode without grad, adapter {self.adapter_name!r}"
         if self.equal:
-            head = f"outputs are bitwise equal after reload ({self.outputs_compared} output tensor(s); {where})"
+            head = f"outputs are bitwise equal after reload ({plural(self.outputs_compared, 'output tensor')}; {where})"
         else:
             head = (f"outputs DIFFER after reload: max |Δ| = {self.max_abs_diff:.3g} "
-                    f"({len(self.outputs_differing)} of {self.outputs_compared} output tensor(s): "
+                    f"({len(self.outputs_differing)} of {plural(self.outputs_compared, 'output tensor')}: "
                     f"{short_list(self.outputs_differing)}; {where})")
         lines = [f"peft_buffers.check_reload: {'OK: ' if self.ok else ''}{head}"]
         if self.causes:

@@ -8,6 +8,7 @@ from typing import Iterator
 from torch import nn
 
 from .. import binding as pv
+from .._text import plural
 from ..core import tracks_running_stats
 from ._common import display_name, short_list
 
@@ -57,8 +58,9 @@ class Explanation:
     def __str__(self) -> str:
         if not self.findings:
             return "peft_buffers.explain: nothing makes this model's outputs mode- or run-dependent right now."
-        lines = [f"peft_buffers.explain: {len(self.findings)} thing(s) make this model's outputs mode- or "
-                 "run-dependent right now:"]
+        count = len(self.findings)
+        lines = [f"peft_buffers.explain: {plural(count, 'thing')} {'makes' if count == 1 else 'make'} this model's "
+                 f"outputs mode- or run-dependent right now:"]
         lines += [f"  - {finding}" for finding in self.findings]
         return "\n".join(lines)
 
@@ -139,37 +141,41 @@ def explain(model: nn.Module) -> Explanation:
         extra = " (PEFT leaves a model loaded with is_trainable=True in train mode)" if label.startswith("PEFT") else ""
         findings.append(Finding(
             kind,
-            f"{len(names)} {label} module(s) with p={p:g} in train mode drop random activations on every "
-            f"forward{extra}",
+            f"{plural(len(names), f'{label} module')} with p={p:g} in train mode "
+            f"{'drops' if len(names) == 1 else 'drop'} random activations on every forward{extra}",
             f"{_FIX_EVAL}" + (", or set lora_dropout=0 in the LoraConfig" if kind == "lora_dropout" else ""),
             names,
         ))
     for (cls, attr, value), names in _group(functional):
         findings.append(Finding(
             "functional_dropout",
-            f"{len(names)} {cls} module(s) in train mode apply dropout inside forward ({attr}={value:g})",
+            f"{plural(len(names), f'{cls} module')} in train mode {'applies' if len(names) == 1 else 'apply'} "
+            f"dropout inside forward ({attr}={value:g})",
             _FIX_EVAL,
             names,
         ))
     for (cls,), names in _group(norms):
         findings.append(Finding(
             "norm_train_mode",
-            f"{len(names)} {cls} layer(s) in train mode normalise with the batch's statistics and overwrite "
-            f"their running statistics on every forward",
+            f"{plural(len(names), f'{cls} layer')} in train mode "
+            + ("normalises with the batch's statistics and overwrites its" if len(names) == 1 else
+               "normalise with the batch's statistics and overwrite their")
+            + " running statistics on every forward",
             _FIX_EVAL,
             names,
         ))
     if disabled:
         findings.append(Finding(
             "adapters_disabled",
-            f"adapters are disabled in {len(disabled)} PEFT layer(s): the model computes as the base model",
+            f"adapters are disabled in {plural(len(disabled), 'PEFT layer')}: the model computes as the base model",
             "leave the `with model.disable_adapter():` block, or call model.enable_adapter_layers()",
             tuple(disabled),
         ))
     for adapters, names in _group(merged):
         findings.append(Finding(
             "adapter_merged",
-            f"adapter(s) {', '.join(map(repr, adapters))} merged into the base weights of {len(names)} layer(s): "
+            f"{'adapter' if len(adapters) == 1 else 'adapters'} {', '.join(map(repr, adapters))} merged into the "
+            f"base weights of {plural(len(names), 'layer')}: "
             f"merged weights round differently from an unmerged model, and the saved file holds unmerged weights",
             "call model.unmerge_adapter() before comparing with a reloaded (unmerged) model, or merge both",
             names,

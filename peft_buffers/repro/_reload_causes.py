@@ -10,7 +10,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..binding import extra_state_dict, is_enabled
+from .._text import plural
+from ..binding import extra_state_for_report, is_enabled
 from ..core import RUNNING_STAT_NAMES
 from ._common import adapter_tensors, base_tensors, bitwise_equal, short_list
 from ._running import call, compare, main_float
@@ -155,7 +156,8 @@ def quantization_cause(model: nn.Module, loaded: nn.Module) -> Optional[Cause]:
             changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             layer_diffs.append(f"{name}: {', '.join(changed)}")
     if layer_diffs:
-        evidence.append(f"{len(layer_diffs)} quantized layer(s) differ, e.g. {layer_diffs[0]}")
+        evidence.append(f"{plural(len(layer_diffs), 'quantized layer')} "
+                        f"{'differs' if len(layer_diffs) == 1 else 'differ'}, e.g. {layer_diffs[0]}")
     if not evidence:
         return None
     if trained:
@@ -193,15 +195,16 @@ def extra_state_cause(model: nn.Module, loaded: nn.Module, active: Optional[str]
 
     Returns the cause (or None) and every key of extra state that the file lacks.
     """
-    expected = extra_state_dict(model, active) if active is not None else {}
+    expected = extra_state_for_report(model, active) if active is not None else {}
     base_a, base_b = base_tensors(model), base_tensors(loaded)
     missing = {key for key in expected if key not in saved_keys}
     differ = [key for key in expected if key in missing
               and (key not in base_b or not bitwise_equal(expected[key], base_b[key].tensor))]
     if not differ:
         if missing:
-            notes.append(f"the adapter file lacks {len(missing)} key(s) of extra state, but their values equal "
-                         f"the fresh base model's, so nothing is lost here")
+            notes.append(f"the adapter file lacks {plural(len(missing), 'key')} of extra state, but "
+                         f"{'its value equals' if len(missing) == 1 else 'their values equal'} the fresh base "
+                         f"model's, so nothing is lost here")
         return None, missing
     evidence = []
     for key in differ[:SHOWN]:
@@ -218,8 +221,10 @@ def extra_state_cause(model: nn.Module, loaded: nn.Module, active: Optional[str]
            "and check that saving goes through PEFT's get_peft_model_state_dict")
     cause = Cause(
         "extra_state_missing",
-        f"extra state missing from the adapter file: {len(differ)} tensor(s) whose trained values differ from "
-        f"the fresh base model's are not in the file, so the reloaded model keeps the base model's values",
+        f"extra state missing from the adapter file: {plural(len(differ), 'tensor')} whose trained "
+        f"{'value differs' if len(differ) == 1 else 'values differ'} from the fresh base model's "
+        f"{'is' if len(differ) == 1 else 'are'} not in the file, so the reloaded model keeps the base model's "
+        f"{'value' if len(differ) == 1 else 'values'}",
         tuple(evidence), fix, LIKELIHOOD["extra_state_missing"])
     return cause, missing
 
@@ -259,15 +264,17 @@ def base_causes(model: nn.Module, loaded: nn.Module, skip: set[str]) -> list[Cau
     if quant_cause is not None:
         if quant_consequences:
             quant_cause = replace(quant_cause, evidence=quant_cause.evidence + (
-                f"as a result, {quant_consequences} quantized weight(s) hold other values",))
+                f"as a result, {plural(quant_consequences, 'quantized weight')} "
+                f"{'holds another value' if quant_consequences == 1 else 'hold other values'}",))
         causes.append(quant_cause)
     if dtype_pairs:
         (train_dtype, _), _ = dtype_pairs.most_common(1)[0]
         name = str(train_dtype).replace("torch.", "")
         causes.append(Cause(
             "dtype_differs",
-            f"dtype differs: {sum(dtype_pairs.values())} base tensor(s) have another dtype after reload",
-            tuple(f"{n} tensor(s): {a} in training, {b} after reload" for (a, b), n in dtype_pairs.items())
+            f"dtype differs: {plural(sum(dtype_pairs.values()), 'base tensor')} "
+            f"{'has' if sum(dtype_pairs.values()) == 1 else 'have'} another dtype after reload",
+            tuple(f"{plural(n, 'tensor')}: {a} in training, {b} after reload" for (a, b), n in dtype_pairs.items())
             + (f"e.g. {short_list(dtype_examples, SHOWN)}",),
             f"create the base model in {name} as in training: from_pretrained(..., dtype=torch.{name}) "
             f"(torch_dtype= in older transformers) or base.to(torch.{name})",
@@ -276,8 +283,9 @@ def base_causes(model: nn.Module, loaded: nn.Module, skip: set[str]) -> list[Cau
         more = [f"... and {len(weight_diffs) - SHOWN} more"] if len(weight_diffs) > SHOWN else []
         causes.append(Cause(
             "base_weights_differ",
-            f"base weights differ: {len(weight_diffs) + len(structure)} base-model tensor(s) of make_base() differ "
-            f"from the trained model's base",
+            f"base weights differ: {plural(len(weight_diffs) + len(structure), 'base-model tensor')} of "
+            f"make_base() {'differs' if len(weight_diffs) + len(structure) == 1 else 'differ'} from the trained "
+            f"model's base",
             tuple(weight_diffs[:SHOWN] + more + structure[:SHOWN]),
             "make_base() must build exactly the base used in training: same checkpoint and revision, same seed "
             "for randomly initialised layers, nothing changed after loading. If training changed these tensors "
@@ -309,7 +317,8 @@ def adapter_cause(model: nn.Module, loaded: nn.Module) -> Optional[Cause]:
         return None
     return Cause(
         "adapter_weights_differ",
-        f"adapter weights differ: {len(diffs)} adapter tensor(s) are not reproduced by the file",
+        f"adapter weights differ: {plural(len(diffs), 'adapter tensor')} "
+        f"{'is' if len(diffs) == 1 else 'are'} not reproduced by the file",
         tuple(diffs[:SHOWN]),
         "load with the same PEFT version and config as in training; for layers you trained fully, list them "
         "in modules_to_save; for resized or tied embeddings, save with save_embedding_layers=True; when the "

@@ -6,6 +6,7 @@ Each scenario is shown to reload bitwise with peft_buffers and to differ with st
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -15,7 +16,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peft_buffers
+from peft_buffers import PeftBuffersWarning
 from tests.zoo import _seeded
+
+from .._warnings import first_seen
 
 ADAPTER_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -224,7 +228,11 @@ def test_training_while_no_adapter_is_active_warns_naming_the_tensors(enabled, t
         model.train()
         model(inputs("features"))
         model.eval()
-    with pytest.warns(UserWarning, match=r"changed while no adapter was active.*bn\.running_mean"):
+    with pytest.warns(PeftBuffersWarning, match="^" + re.escape(
+            "peft_buffers: 3 base-model tensors changed while no adapter was active (e.g. training inside "
+            "disable_adapter()): no adapter file carries them, and the base model computes with the changed values "
+            "now: base_model.model.bn.num_batches_tracked, base_model.model.bn.running_mean, "
+            "base_model.model.bn.running_var") + "$"):
         model.save_pretrained(tmp_path, safe_serialization=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once, not at every save
@@ -236,7 +244,10 @@ def test_a_parameter_changed_outside_an_optimizer_is_saved_and_said(enabled, tmp
     model.get_base_model().pos_embed.requires_grad_(True)
     with torch.no_grad():
         model.get_base_model().pos_embed.add_(1.0)  # an in-place edit of a trainable parameter no optimizer saw
-    with pytest.warns(UserWarning, match=r"outside an optimizer.*pos_embed"):
+    with pytest.warns(PeftBuffersWarning, match="^" + re.escape(
+            "peft_buffers: adapter 'default' carries 1 parameter changed in place outside an optimizer before "
+            "peft_buffers knew the base value; disable_adapter() and other adapters compute with the value first "
+            "seen: base_model.model.pos_embed") + "$"):
         model.save_pretrained(tmp_path, safe_serialization=True)
     assert PREFIX + "pos_embed" in saved(tmp_path)
     assert same_output(reload("features", tmp_path), model.eval(), "features")
@@ -257,7 +268,7 @@ def test_enable_after_creation_falls_back_to_all_statistics_and_says_so(tmp_path
     model = lora("features")  # created before enable(): the base values were never seen
     train(model, "features")
     peft_buffers.enable()
-    with pytest.warns(UserWarning, match="first time at save"):
+    with pytest.warns(PeftBuffersWarning, match=first_seen(3)):
         model.save_pretrained(tmp_path, safe_serialization=True)
     assert same_output(reload("features", tmp_path), model, "features")
 

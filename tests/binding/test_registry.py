@@ -17,7 +17,7 @@ import torch
 from packaging.version import Version
 
 import peft_buffers
-from peft_buffers import UnsupportedPeftVersion
+from peft_buffers import PeftBuffersWarning, UnsupportedPeftVersion
 from peft_buffers.binding import patch_status, versions
 from peft_buffers.binding._targets import resolve_target
 from peft_buffers.binding.registry import (
@@ -132,7 +132,7 @@ def test_a_newer_patch_release_of_a_listed_line_is_used_with_a_warning(monkeypat
     monkeypatch.setattr(versions, "installed_peft_version", lambda: newer)
     expected = (f"peft {newer} is newer than {INSTALLED_ENTRY.tested}, the release of the {INSTALLED_ENTRY.line}.x "
                 f"line that peft_buffers was tested with; using that line's patch.")
-    with pytest.warns(UserWarning, match=re.escape(expected)):
+    with pytest.warns(PeftBuffersWarning, match="^" + re.escape(expected) + "$"):
         entry = peft_buffers.enable()
     assert entry is INSTALLED_ENTRY
     assert patch_status()["untested"] is True
@@ -162,9 +162,9 @@ NEWEST_ONLY = pytest.mark.skipif(INSTALLED_ENTRY is not newest_entry(),
 def test_a_newer_release_with_the_newest_entrys_structure_is_used_with_one_warning(monkeypatch, newer):
     monkeypatch.setattr(versions, "installed_peft_version", lambda: Version(newer))
     newest = newest_entry()
-    with pytest.warns(UserWarning) as record:
+    with pytest.warns(PeftBuffersWarning) as record:
         entry = peft_buffers.enable()
-    ours = [str(w.message) for w in record if "peft_buffers" in str(w.message) or newer in str(w.message)]
+    ours = [str(w.message) for w in record if issubclass(w.category, PeftBuffersWarning)]
     assert ours == [f"peft {newer} is newer than every release peft_buffers was tested with (newest: "
                     f"{newest.tested}); its binding sites and adapter methods match the {newest.line}.x entry, so "
                     f"that entry is used. `python -m peft_buffers doctor --deep` shows what is patched."]
@@ -232,7 +232,7 @@ def test_allow_untested_uses_the_newest_entry_for_a_new_major_with_a_warning():
     newest = newest_entry()
     expected = (f"peft 1.0.0 is outside every range peft_buffers was tested on; using the entry for {newest.line}.x "
                 f"(tested with {newest.tested}) because allow_untested=True.")
-    with pytest.warns(UserWarning, match=re.escape(expected)):
+    with pytest.warns(PeftBuffersWarning, match="^" + re.escape(expected) + "$"):
         entry, untested = versions.select_entry(Version("1.0.0"), allow_untested=True)
     assert (entry, untested) == (newest, True)
 
@@ -240,7 +240,7 @@ def test_allow_untested_uses_the_newest_entry_for_a_new_major_with_a_warning():
 def test_the_tested_release_is_used_without_a_warning(recwarn):
     for entry in REGISTRY:
         assert versions.select_entry(Version(entry.tested)) == (entry, False)
-    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    assert not [w for w in recwarn if issubclass(w.category, PeftBuffersWarning)]
 
 
 # ------------------------------------------------------------------------------------------------- README

@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 from peft import get_peft_model
 from safetensors.torch import save_file
 
 import peft_buffers
 from peft_buffers.cli import COMMANDS, main
 from tests.zoo import ZOO, train, tuner_config, unfreeze_embeddings
+
+from .._compat import PEFT_VERSION
 
 PROG = "python -m peft_buffers"
 
@@ -70,7 +73,7 @@ def test_inspect_groups_running_statistics_by_module(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     modules = [line.split()[0] for line in lines if "[running_mean" in line]
-    assert modules == ["bn1d", "bn2d", "inorm"]
+    assert modules == ["base_model.model.bn1d", "base_model.model.bn2d", "base_model.model.inorm"]  # as in the file
     assert "in 3 modules" in next(line for line in lines if "running statistics" in line)
 
 
@@ -89,7 +92,7 @@ def test_inspect_counts_one_module_and_one_tensor_in_the_singular(tmp_path, caps
     assert lines[1:] == [
         "  adapter tensors           0 tensors              0 bytes",
         "  running statistics        1 tensor              16 bytes in 1 module",
-        "    bn  [running_mean]  16 bytes",
+        "    base_model.model.bn  [running_mean]  16 bytes",
         "  changed buffers           0 tensors              0 bytes",
         "  direct parameters         0 tensors              0 bytes",
     ]
@@ -100,8 +103,8 @@ def test_module_entry_point_runs_as_a_command(tmp_path):
         [sys.executable, "-m", "peft_buffers", "inspect", str(tmp_path)], capture_output=True, text=True
     )
     assert result.returncode == 1
-    assert result.stderr == f"peft_buffers inspect: cannot read {tmp_path}: no adapter_model.safetensors or " \
-                            f"adapter_model.bin in {tmp_path}\n"
+    assert result.stderr == f"python -m peft_buffers inspect: error: cannot read {tmp_path}: no " \
+                            f"adapter_model.safetensors or adapter_model.bin in {tmp_path}\n"
 
 
 # --- issue 12: argparse subcommands, exit codes, help text ---
@@ -178,3 +181,88 @@ def test_the_console_script_names_itself(monkeypatch, capsys):
     assert exit_status(["demo", "--bogus"]) == 2
     assert capsys.readouterr().err == "usage: peft-buffers demo [-h]\npeft-buffers demo: error: unrecognized " \
                                       "arguments: --bogus\n"
+
+
+# --- one error format for every command; inspect says what a wrong path is ---
+
+def test_every_command_prints_its_errors_with_one_prefix(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    failing = {
+        "inspect": ["inspect", str(tmp_path / "missing")],
+        "convert": ["convert", str(tmp_path / "missing"), "--to-peft", "0.13", "--check"],
+        "doctor": ["doctor", "--update-readme"],  # no README here
+        "demo": ["demo", "--bogus"],  # argparse's own usage error
+    }
+    for command, argv in failing.items():
+        assert exit_status(argv) in (1, 2)
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith(f"{PROG} {command}: error: "), last
+    assert exit_status(failing["convert"]) == 1
+    assert capsys.readouterr().err == f"{PROG} convert: error: {tmp_path / 'missing'}: no such adapter folder\n"
+
+
+def test_inspect_of_the_config_file_says_to_pass_the_folder_or_the_weights(tmp_path, capsys):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    assert main(["inspect", str(tmp_path / "adapter_config.json")]) == 1
+    assert capsys.readouterr().err == (
+        f"{PROG} inspect: error: cannot read {tmp_path / 'adapter_config.json'}: adapter_config.json is a config "
+        f"file, not adapter weights: pass the adapter folder ({tmp_path}) or its adapter_model.safetensors / "
+        f"adapter_model.bin\n")
+
+
+def test_inspect_of_a_file_torch_cannot_load_safely_says_so_without_torchs_advice(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "adapter_model.bin").write_bytes(b"garbage")
+    torch.save([torch.zeros(1)], tmp_path / "list.bin")
+    assert main(["inspect", str(tmp_path), str(tmp_path / "list.bin"), str(tmp_path / "notes.txt")]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith(f"{PROG} inspect: error: cannot read {tmp_path}: not a weights file torch.load reads "
+                               f"with weights_only=True (")
+    assert lines[0].endswith("): pass the adapter folder or its adapter_model.safetensors")
+    assert lines[1:] == [
+        f"{PROG} inspect: error: cannot read {tmp_path / 'list.bin'}: holds a list, not a state dict of tensors",
+        f"{PROG} inspect: error: cannot read {tmp_path / 'notes.txt'}: no such file or directory",
+    ]
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["inspect", str(tmp_path / "notes.txt")]) == 1
+    assert capsys.readouterr().err == (
+        f"{PROG} inspect: error: cannot read {tmp_path / 'notes.txt'}: notes.txt is not an adapter weights file "
+        f"(.safetensors, or .bin from torch.save): pass the adapter folder or its adapter_model.safetensors\n")
+
+
+def test_convert_help_and_parser_agree_that_out_and_check_exclude_each_other(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")  # one help line per option
+    assert exit_status(["convert", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(--out DST | --check)" in text
+    assert "  --out DST          new folder to write the converted copy to (or --check, not both)\n" in text
+    assert "  --check            only report what would change; write nothing (instead of --out)\n" in text
+    assert exit_status(["convert", str(tmp_path), "--to-peft", "0.13", "--check", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"{PROG} convert: error: argument --out: not allowed with argument --check\n")
+
+
+@pytest.mark.skipif(PEFT_VERSION < Version("0.22.0"), reason="the transcript shows files of the newest PEFT line")
+def test_the_inspect_transcript_in_docs_is_current(tmp_path, monkeypatch, capsys):
+    peft_buffers.enable()
+    try:
+        spec = ZOO["vit"]
+        model = get_peft_model(spec.make(), tuner_config("lora", spec))
+        unfreeze_embeddings(model)
+        train(model, spec, steps=1)
+        model.save_pretrained(tmp_path / "vit_adapter")
+        spec = ZOO["mixed_norms"]
+        model = get_peft_model(spec.make(), tuner_config("lora", spec))
+        train(model, spec, steps=1)
+        model.save_pretrained(tmp_path / "norms_adapter")
+    finally:
+        peft_buffers.disable()
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "vit_adapter", "norms_adapter"]) == 0
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text(encoding="utf-8")
+    transcript = docs.split(f"$ {PROG} inspect vit_adapter norms_adapter\n", 1)[1].split("```", 1)[0]
+    assert transcript == capsys.readouterr().out
+    assert main(["inspect", "vit_adapter/adapter_config.json"]) == 1
+    shown = docs.split(f"$ {PROG} inspect vit_adapter/adapter_config.json\n", 1)[1].split("```", 1)[0]
+    assert shown == capsys.readouterr().err

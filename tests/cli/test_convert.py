@@ -88,7 +88,7 @@ def test_check_reports_and_writes_nothing(tmp_path, capsys):
     before = files(tmp_path)
     assert main(["convert", str(source), "--to-peft", "0.8", "--check"]) == 0
     assert capsys.readouterr().out == (
-        f"{source} -> PEFT 0.8 (fields as in 0.8.2): 1 adapter config(s), 3 field(s) dropped\n"
+        f"{source} -> PEFT 0.8 (fields as in 0.8.2): 1 adapter config, 3 fields dropped\n"
         "  adapter_config.json: drop lora_bias = false (the default; first in PEFT 0.14)\n"
         '  adapter_config.json: drop peft_version = "0.21.2" (metadata, no effect on the adapter)\n'
         "  adapter_config.json: drop use_dora = false (the default; first in PEFT 0.9)\n"
@@ -110,7 +110,9 @@ def test_a_non_default_value_is_refused_naming_field_value_and_release(tmp_path,
     )
     assert not (tmp_path / "out").exists()
     assert main(["convert", str(source), "--to-peft", "0.6", "--out", str(tmp_path / "out")]) == 1
-    assert capsys.readouterr().err.startswith("error: cannot convert for PEFT 0.6 without changing the adapter")
+    assert capsys.readouterr().err.startswith(
+        "python -m peft_buffers convert: error: cannot convert for PEFT 0.6 without changing the adapter "
+        "(2 problems):\n")
     assert not (tmp_path / "out").exists()
 
 

@@ -30,6 +30,8 @@ from peft_buffers.cli import _doctor, main
 from .._compat import PEFT_VERSION
 
 ENTRY = entry_for(PEFT_VERSION)
+# Tests that pretend another installed pair run the installed PEFT under the newest entry: only on that line.
+NEWEST_ONLY = pytest.mark.skipif(ENTRY is not newest_entry(), reason="pretends pairs of the newest line's PEFT")
 
 
 def doctor(argv: list[str]) -> int:
@@ -134,7 +136,9 @@ def test_text_output_says_whether_ci_tests_this_release(monkeypatch, capsys):
     tested = "yes" if PEFT_VERSION == Version(ENTRY.tested) else "no"
     assert f"  this exact peft release tested in CI: {tested};" in out
     assert f"  [patched] peft.utils.save_and_load.{SET}" in out
-    assert out.rstrip().endswith("result: OK")
+    tested_pair = PEFT_VERSION == Version(ENTRY.tested) and version("transformers") == ENTRY.transformers
+    last = out.rstrip().splitlines()[-1]  # OK either way (exit 0); a newer release than CI's pair is said
+    assert last == "result: OK" if tested_pair else last.startswith("result: OK; peft "), last
 
 
 def test_support_table_and_readme_update(tmp_path, capsys):
@@ -168,15 +172,11 @@ def test_native_adapters_are_unusable_exactly_when_transformers_refuses_this_pef
     assert report["problems"] == []  # PeftModel's path still works
 
 
-def test_an_unusable_pair_is_reported_with_the_newest_tested_transformers_that_accepts_this_peft(
-        monkeypatch, capsys):
+def test_an_unusable_pair_is_reported_with_the_hooks_marked_and_a_fix(monkeypatch, capsys):
     from transformers.integrations import peft as integration
 
-    monkeypatch.setattr(integration, "MIN_PEFT_VERSION", "99.0.0")
+    monkeypatch.setattr(integration, "MIN_PEFT_VERSION", "99.0.0")  # no PEFT release is accepted
     transformers = version("transformers")
-    # The registry: transformers 5.25.0 accepts peft >= 0.22, 5.23.0 >= 0.20, 4.57.6 >= 0.5.
-    newest = "5.25.0" if PEFT_VERSION >= Version("0.22.0") else "5.23.0" if PEFT_VERSION >= Version("0.20.0") \
-        else "4.57.6"
 
     report = _doctor.doctor_report()
 
@@ -184,8 +184,7 @@ def test_an_unusable_pair_is_reported_with_the_newest_tested_transformers_that_a
         "path": "transformers-native adapters",
         "reason": f"model.add_adapter, load_adapter, set_adapter, ... raise ValueError: transformers {transformers} "
                   f"requires peft >= 99.0.0 (its MIN_PEFT_VERSION), installed peft {PEFT_VERSION}",
-        "fix": f"pip install transformers=={newest} (the newest transformers CI tests that accepts peft "
-               f"{PEFT_VERSION}), or use PEFT's PeftModel (get_peft_model, PeftModel.from_pretrained)",
+        "fix": "use PEFT's PeftModel (get_peft_model, PeftModel.from_pretrained), which works with this pair",
     }]
     mixin_hooks = [hook for hook in report["hooks"]
                    if hook["site"].startswith("transformers.integrations.peft.PeftAdapterMixin.")]
@@ -193,10 +192,65 @@ def test_an_unusable_pair_is_reported_with_the_newest_tested_transformers_that_a
     assert doctor([]) == 0
     out = capsys.readouterr().out
     assert "  [patched, unusable] transformers.integrations.peft.PeftAdapterMixin.add_adapter\n" in out
-    assert f"UNUSABLE: transformers-native adapters: {report['unusable'][0]['reason']}. Fix: pip install " \
-           f"transformers=={newest} " in out
+    assert f"UNUSABLE: transformers-native adapters: {report['unusable'][0]['reason']}. Fix: use PEFT's " in out
     assert out.rstrip().endswith("result: OK for PeftModel; UNUSABLE with this pair: transformers-native adapters "
                                  "(fix above)")
+
+
+def _pretend(monkeypatch, peft: str, transformers: str, minimum: str) -> None:
+    """doctor's view of another installed pair: the versions it reads, and the transformers' MIN_PEFT_VERSION."""
+    installed = _doctor._installed
+    monkeypatch.setattr(versions, "installed_peft_version", lambda: Version(peft))
+    monkeypatch.setattr(_doctor, "_installed", lambda name: transformers if name == "transformers"
+                        else peft if name == "peft" else installed(name))
+    monkeypatch.setattr(_doctor, "mixin_min_peft", lambda: Version(minimum))
+
+
+# The fixes doctor offers for an UNUSABLE path are pairs CI tests (the registry's), never a transformers release
+# that contradicts the note "CI pairs peft X with transformers Y" printed above it.
+@NEWEST_ONLY
+@pytest.mark.parametrize(("peft", "transformers", "minimum", "fix"), [
+    ("0.21.2", "5.25.0", "0.22.0", "pip install peft==0.22.0 (CI tests peft 0.22.0 with transformers 5.25.0)"),
+    ("0.21.2", "5.24.0", "0.22.0",  # the 0.21 line's own pair: its adapter methods refuse 0.21
+     "pip install peft==0.22.0 transformers==5.25.0 (CI tests peft 0.22.0 with transformers 5.25.0)"),
+    ("0.20.0", "5.25.0", "0.22.0", "pip install peft==0.22.0 (CI tests peft 0.22.0 with transformers 5.25.0)"),
+])
+def test_an_unusable_pair_is_fixed_by_a_pair_ci_tests(monkeypatch, capsys, peft, transformers, minimum, fix):
+    _pretend(monkeypatch, peft, transformers, minimum)
+    report = _doctor.doctor_report()
+    assert report["unusable"][0]["fix"] == (
+        f"{fix}; or use PEFT's PeftModel (get_peft_model, PeftModel.from_pretrained), which works with this pair")
+    entry = entry_for(Version(peft))
+    pair_note = f"CI pairs peft {entry.line}.x with transformers {entry.transformers}, not {transformers}"
+    assert (pair_note in report["notes"]) is (entry.transformers != transformers)
+
+
+@NEWEST_ONLY
+def test_a_line_whose_pair_accepts_it_is_sent_back_to_its_pair(monkeypatch):
+    newest = newest_entry()
+    _pretend(monkeypatch, newest.tested, "7.0.0", "99.0.0")  # a transformers no tested PEFT satisfies
+    assert _doctor.doctor_report()["unusable"][0]["fix"] == (
+        f"pip install transformers=={newest.transformers} (the pair CI tests with peft {newest.line}.x); or use "
+        f"PEFT's PeftModel (get_peft_model, PeftModel.from_pretrained), which works with this pair")
+
+
+@NEWEST_ONLY
+def test_the_last_line_reads_ok_exactly_when_the_exit_status_is_0(monkeypatch, capsys):
+    newest = newest_entry()
+    newer_transformers = Version(newest.transformers)
+    newer_transformers = f"{newer_transformers.major}.{newer_transformers.minor + 1}.0"
+    _pretend(monkeypatch, newest.tested, newer_transformers, newest.tested)  # usable, but not the tested pair
+    pair = (f"peft {newest.tested} with transformers {newer_transformers} is not the pair CI tests (peft "
+            f"{newest.tested} with transformers {newest.transformers})")
+    assert doctor([]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"result: OK; {pair} (notes above)"
+    assert doctor(["--strict"]) == 1
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"result: FAILED (--strict): {pair}"
+    assert doctor(["--strict", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["result"] == f"result: FAILED (--strict): {pair}"
+    _pretend(monkeypatch, newest.tested, newest.transformers, newest.tested)  # the tested pair
+    assert doctor(["--strict"]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "result: OK"
 
 
 def test_a_transformers_that_accepts_this_peft_is_usable(monkeypatch):

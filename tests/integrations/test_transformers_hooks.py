@@ -8,6 +8,7 @@ import pytest
 from packaging.version import Version
 
 import peft_buffers
+from peft_buffers import PeftBuffersWarning
 from peft_buffers.binding import patch_status
 from peft_buffers.binding.registry import TRANSFORMERS_REGISTRY, transformers_entry_for
 
@@ -61,7 +62,8 @@ def test_a_changed_load_adapter_leaves_transformers_unhooked_and_peft_patched(st
         return original(self, path, name)
 
     monkeypatch.setattr(PeftAdapterMixin, "load_adapter", load_adapter)
-    with pytest.warns(UserWarning, match="not hooking transformers-native adapters: .*load_adapter has parameters"):
+    with pytest.warns(PeftBuffersWarning,
+                      match="^peft_buffers: not hooking transformers-native adapters: .*load_adapter has parameters"):
         peft_buffers.enable()
     try:
         assert peft_buffers.is_enabled()

@@ -54,7 +54,7 @@ def test_accidentally_unfrozen_linear_is_changed_but_not_saved(stock):
     with pytest.raises(AssertionError) as raised:
         report.assert_only_adapters_changed()
     assert str(raised.value).splitlines() == [
-        "training changed 2 base-model tensor(s) besides the adapter (freeze them, or pass their names in "
+        "training changed 2 base-model tensors besides the adapter (freeze them, or pass their names in "
         "allow=[...] if you meant to train them):",
         "  - head.weight (parameter): CHANGED BUT NOT SAVED (peft_buffers would save it: call "
         "peft_buffers.enable() before saving)",

@@ -32,7 +32,7 @@ def test_clean_reload_is_ok_with_no_causes(enabled):
     assert report.ok and report.equal and report.causes == []
     assert report.max_abs_diff == 0.0
     assert str(report).splitlines()[0] == (
-        "peft_buffers.check_reload: OK: outputs are bitwise equal after reload (1 output tensor(s); compared in "
+        "peft_buffers.check_reload: OK: outputs are bitwise equal after reload (1 output tensor; compared in "
         "eval mode without grad, adapter 'default')"
     )
 
@@ -89,7 +89,7 @@ def test_train_mode_lora_dropout_after_is_trainable_load_is_named_first(enabled)
     cause = report.causes[0]
     assert cause.title.startswith("the reloaded model is not deterministic as loaded: it was loaded with "
                                   "is_trainable=True and it is in train mode, and two forward passes differ")
-    assert cause.evidence[0].startswith("1 PEFT lora_dropout (adapter 'default') module(s) with p=0.5 in train mode")
+    assert cause.evidence[0].startswith("1 PEFT lora_dropout (adapter 'default') module with p=0.5 in train mode drops")
     assert cause.fix.startswith("call model.eval() before predicting")
 
 
@@ -98,7 +98,7 @@ def test_train_mode_norms_after_is_trainable_load_are_named_first(enabled):
     report = peft_buffers.check_reload(model, inputs(), make_norm_net, is_trainable=True)
     assert report.equal and report.kinds == ["not_deterministic"]
     assert "its outputs in that mode differ from eval mode" in report.causes[0].title
-    assert report.causes[0].evidence[0].startswith("1 BatchNorm1d layer(s) in train mode")
+    assert report.causes[0].evidence[0].startswith("1 BatchNorm1d layer in train mode normalises")
 
 
 def test_a_base_in_another_dtype_is_named_first(enabled):
@@ -107,7 +107,7 @@ def test_a_base_in_another_dtype_is_named_first(enabled):
     report = peft_buffers.check_reload(model, token_inputs(), lambda: make_tiny_llama(torch.bfloat16))
     assert not report.equal
     assert report.kinds[0] == "dtype_differs"
-    assert report.causes[0].evidence[0] == "12 tensor(s): torch.float32 in training, torch.bfloat16 after reload"
+    assert report.causes[0].evidence[0] == "12 tensors: torch.float32 in training, torch.bfloat16 after reload"
     assert report.causes[0].fix.startswith("create the base model in float32 as in training")
 
 

@@ -20,7 +20,7 @@ def test_lora_dropout_in_train_mode_is_named_with_its_fix(tmp_path):
     assert found.kinds == ["lora_dropout"]
     assert found.findings[0].modules == ("fc1.lora_dropout.default",)
     assert str(found).splitlines()[1] == (
-        "  - 1 PEFT lora_dropout (adapter 'default') module(s) with p=0.5 in train mode drop random activations "
+        "  - 1 PEFT lora_dropout (adapter 'default') module with p=0.5 in train mode drops random activations "
         "on every forward (PEFT leaves a model loaded with is_trainable=True in train mode) "
         "(in fc1.lora_dropout.default). Fix: call model.eval() before predicting, or set lora_dropout=0 in the "
         "LoraConfig."

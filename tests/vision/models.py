@@ -299,7 +299,7 @@ def render_markdown(models: tuple[VisionModel, ...] = MODELS) -> str:
     lines = [
         "# Model zoo: real vision models, trained and reloaded bitwise",
         "",
-        "Generated from `tests/vision/models.py` by `python -m tests.vision.models`; do not edit by hand.",
+        "<!-- generated from tests/vision/models.py by `python -m tests.vision.models` (see CONTRIBUTING.md) -->",
         "",
         "Each model is built with random weights, gets LoRA (r=2) on the listed modules, is trained in train mode,",
         "saved with `save_pretrained` and reloaded with `PeftModel.from_pretrained` on a fresh base model of the",
