@@ -135,11 +135,9 @@ def test_runnable_block(block, tmp_path, monkeypatch, offline):
     if _unmet(block.requires):
         pytest.skip(f"{block.id} {_unmet(block.requires)}")
     monkeypatch.chdir(tmp_path)  # files a block writes land in a fresh directory
-    # A block that compiles must not meet the compiled code of earlier tests (their models may not have been
-    # collected yet): a block asserting "no recompilation" would count those as its own.
     import torch._dynamo
 
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # as in a fresh process: no compiled code of other tests (a block may forbid recompiles)
     namespace = {"__name__": "__main__"}
     # Padded so that a traceback names the document's own line numbers.
     code = compile("\n" * (block.line - 1) + block.code, str(block.document), "exec")

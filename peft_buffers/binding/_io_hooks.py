@@ -55,9 +55,13 @@ def _from_pretrained(hook: AdapterHook, original: Callable, peft_saved_keys: Cal
             return function(cls, *args, **kwargs)
         arguments = signature.bind(cls, *args, **kwargs).arguments
         model, model_id = arguments["model"], arguments.get("model_id")
-        with load_transaction(model, f"adapter {arguments.get('adapter_name', 'default')!r} from {model_id}"):
+        describe = f"adapter {arguments.get('adapter_name', 'default')!r} from {model_id}"
+        with load_transaction(model, describe) as transaction:
             check_file_once(model, model_id, _subfolder(arguments, kwargs))
-            return function(cls, *args, **kwargs)
+            pv.defer_captures(transaction)
+            result = function(cls, *args, **kwargs)
+            pv.complete_captures(transaction)
+            return result
 
     return _WrappedClassMethod(from_pretrained, original)
 

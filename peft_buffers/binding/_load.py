@@ -10,7 +10,7 @@ import warnings
 from typing import Callable
 
 from .._errors import PeftBuffersWarning
-from ..core import active_transaction, atomic, check_adapter_path, plan_load, raise_for_mismatches
+from ..core import active_transaction, atomic, plan_load, raise_for_mismatches, verify_adapter_path
 from . import _current
 from . import _peft_view as pv
 from ._native_fields import model_uses_native_fields
@@ -89,7 +89,7 @@ def check_file_once(root, model_id, subfolder) -> None:
     checked = transaction.memo.setdefault("checked_files", set()) if transaction is not None else set()
     if (str(model_id), subfolder) in checked:
         return
-    check_adapter_path(model_id, subfolder)
+    verify_adapter_path(model_id, subfolder)
     checked.add((str(model_id), subfolder))
 
 

@@ -17,7 +17,8 @@ from .._errors import PeftBuffersWarning
 from .._text import first_names
 from ..core import BASE, BaseTensors, ExtraStateStore, ModelView, Transaction, active_transaction, find_base_tensors
 
-__all__ = ["active_adapter", "active_adapters", "attach_walk", "attached_store", "covering_transaction",
+__all__ = ["active_adapter", "active_adapters", "attach_walk", "attached_store", "complete_captures",
+           "covering_transaction", "defer_captures",
            "ensure_store", "model_view", "settle", "structure_changed", "sync", "wraps_for"]
 
 _STORE_ATTR = "_peft_buffers_store"
@@ -157,10 +158,31 @@ def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True,
         store = ExtraStateStore(live=active_adapter(root), view=view)
         store.late = late
         found = find_base_tensors(view)
-        store.capture(found)
+        transaction = covering_transaction(root)
+        if transaction is not None and transaction.memo.get(_DEFER) is not None:
+            transaction.memo[_DEFER].append((store, found))  # PeftModel.from_pretrained takes them at its end
+        else:
+            store.capture(found)
         root.__dict__[_STORE_ATTR] = store
         _remember_walk(root, found)
         return store
+
+
+# PeftModel.from_pretrained attaches a store and loads a file into it, with no user code in between: the base
+# values of what the file then carries are the ones the load keeps for the base model, so the copy of every
+# buffer is taken at the end of the load, of the buffers no adapter owns.
+_DEFER = "deferred_captures"
+
+
+def defer_captures(transaction: Transaction) -> None:
+    """Stores attached during ``transaction`` take their base values only at :func:`complete_captures`."""
+    transaction.memo[_DEFER] = []
+
+
+def complete_captures(transaction: Transaction) -> None:
+    """Take the base values of the stores attached since :func:`defer_captures` (before the load succeeds)."""
+    for store, found in transaction.memo.pop(_DEFER, ()):
+        store.capture(found)
 
 
 # Inside one load (one transaction, no user code in between) the walk made when a store attaches stays valid

@@ -185,6 +185,9 @@ def doctor_report(deep: bool = False) -> dict:
     if not report["tested_transformers"]:
         report["notes"].append(f"CI pairs peft {entry.line}.x with transformers {entry.transformers}, "
                                f"not {versions['transformers']}")
+    if any(hook.kind == "hotswap_state_dict" for hook in entry.adapter_hooks):
+        report["hotswap"] = ("peft.utils.hotswap swaps a file's extra state too while peft_buffers is enabled; "
+                             "without it, PEFT's hotswap raises KeyError on a file that carries extra state")
     if deep:
         report["import_failures"] = _import_every_peft_module()
         report["adapter_api"] = adapter_api_rows(entry)
@@ -247,6 +250,8 @@ def _format(report: dict, strict: bool = False) -> str:
         lines.append(f"adapter API ({len(rows)} public methods; {sum(r['hooked'] for r in rows)} hooked):")
         lines += [f"  [{'hooked ' + r['kind'] if r['hooked'] else r['kind'] or 'NOT CLASSIFIED'}] {r['method']}: "
                   f"{r['meaning']}" for r in rows]
+    if report.get("hotswap"):
+        lines.append(f"hotswap: {report['hotswap']}")
     lines += [f"note: {note}" for note in report["notes"]]
     for path in report["unusable"]:
         lines.append(f"UNUSABLE: {path['path']}: {path['reason']}. Fix: {path['fix']}")

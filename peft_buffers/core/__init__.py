@@ -13,6 +13,7 @@ from ._adapter_file import (
     check_safetensors_file,
     check_state_dict_fits,
     find_weights_file,
+    verify_adapter_path,
 )
 from ._load_plan import LoadPlan, plan_load, raise_for_mismatches, resolve_key
 from ._publish import PENDING_NAME, StagedFolder, check_folder_complete, stage
@@ -65,4 +66,5 @@ __all__ = [
     "same_bytes",
     "stage",
     "tracks_running_stats",
+    "verify_adapter_path",
 ]

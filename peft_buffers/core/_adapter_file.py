@@ -26,7 +26,7 @@ from ._load_plan import _dtype_kind
 from ._publish import check_folder_complete
 
 __all__ = ["TensorHeader", "check_adapter_path", "check_safetensors_file", "check_state_dict_fits",
-           "find_weights_file"]
+           "find_weights_file", "verify_adapter_path"]
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -196,6 +196,29 @@ def check_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[st
             raise _corrupt(path, "the file is empty", "a torch.save() archive", "0 bytes")
         return None
     return check_safetensors_file(path)
+
+
+def verify_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[str] = None) -> None:
+    """Like :func:`check_adapter_path`, at C speed when the file is sound: safetensors' own reader validates the
+    header (JSON, dtypes, shapes, offsets tiling the data exactly); only a file it refuses is read again by
+    :func:`check_safetensors_file`, for a :class:`~peft_buffers.CorruptAdapterFile` that names the problem.
+
+    Example:
+        >>> verify_adapter_path("some-user/some-hub-adapter")  # nothing local: nothing to check
+    """
+    path = find_weights_file(model_id, subfolder)
+    if path is None or path.suffix != ".safetensors":
+        check_adapter_path(model_id, subfolder)
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return
+    except Exception as error:  # noqa: BLE001 - any refusal: find out exactly what is wrong
+        check_safetensors_file(path)
+        raise _corrupt(path, "safetensors cannot read the file", "a file safetensors reads",
+                       f"{type(error).__name__}: {error}") from None
 
 
 def _shape_fits(live: torch.Tensor, value: torch.Tensor) -> bool:

@@ -230,6 +230,14 @@ def plan_load(
     # asks wraps_for_adapter.
     direct = {p.live_key: p for p in plan.found.ordered.values() if p.live_key == p.saved_key}
     adapter_prefixes = plan.found.adapter_prefixes
+    tracking: dict[int, bool] = {}  # id(module) -> tracks_running_stats(module): asked once per module
+
+    def tracks(module: nn.Module) -> bool:
+        known = tracking.get(id(module))
+        if known is None:
+            known = tracking[id(module)] = tracks_running_stats(module)
+        return known
+
     candidates: list[tuple[str, TensorPlace, torch.Tensor]] = []
     for key, value in state_dict.items():
         target = direct.get(key)
@@ -245,7 +253,7 @@ def plan_load(
                 continue
             plan.mismatches.append(_unresolved_mismatch(key, last, target))
             continue
-        if last in RUNNING_STAT_NAMES and not target.is_parameter and not tracks_running_stats(target.module):
+        if last in RUNNING_STAT_NAMES and not target.is_parameter and not tracks(target.module):
             module = target.module
             plan.mismatches.append(
                 ExtraStateMismatch(
@@ -266,7 +274,7 @@ def plan_load(
         if converted is None:
             continue
         plan.extra[key] = (place, converted)
-        if check_values and place.name in ("running_mean", "running_var") and tracks_running_stats(place.module):
+        if check_values and place.name in ("running_mean", "running_var") and tracks(place.module):
             statistics.append((key, value))
     for bad in _bad_statistics(statistics):
         plan.mismatches.append(bad)

@@ -257,20 +257,24 @@ def find_base_tensors(view: ModelView) -> BaseTensors:
     ordered: dict[str, TensorPlace] = {}
     seen: set[int] = set()
     modules, adapter_prefixes = view.walk()
+    plain = torch.Tensor
     for live, saved, canon, module in modules:
         for name, param in module._parameters.items():
             if param is None or id(param) in seen:
                 continue
             seen.add(id(param))
-            place = TensorPlace(canon + name, module, name, True, live + name, saved + name)
-            parameters[place.key] = ordered[place.key] = place
+            key = canon + name
+            parameters[key] = ordered[key] = TensorPlace(key, module, name, True, live + name, saved + name)
+        buffer_table = module._buffers
+        if not buffer_table:
+            continue
         skip = module._non_persistent_buffers_set
-        for name, buf in module._buffers.items():
-            if buf is None or name in skip or not _is_real(buf) or id(buf) in seen:
+        for name, buf in buffer_table.items():
+            if buf is None or name in skip or (type(buf) is not plain and not _is_real(buf)) or id(buf) in seen:
                 continue
             seen.add(id(buf))
-            place = TensorPlace(canon + name, module, name, False, live + name, saved + name)
-            buffers[place.key] = ordered[place.key] = place
+            key = canon + name
+            buffers[key] = ordered[key] = TensorPlace(key, module, name, False, live + name, saved + name)
     return BaseTensors(buffers, parameters, ordered, frozenset(adapter_prefixes))
 
 

@@ -141,10 +141,12 @@ class ExtraStateStore:
 
         The buffers are copied with one concatenation per device and dtype and kept there (:class:`_Slot`):
         no tensor object per buffer until one is asked for, and :meth:`settle` compares a whole group at once.
+        A buffer some adapter already owns is skipped: its base value is the one kept for :data:`BASE`.
         """
         with self._lock:
+            owned = set().union(*self.owned.values()) if self.owned else set()
             self.reference.update(_flat_copies({k: p.tensor for k, p in found.buffers.items()
-                                                if k not in self.reference}))
+                                                if k not in self.reference and k not in owned}))
             for key, place in found.parameters.items():
                 tensor = place.tensor
                 self.versions.setdefault(key, _version_of(tensor))
