@@ -26,7 +26,7 @@ import torch
 from packaging.version import Version
 
 from .._errors import PeftBuffersWarning
-from ..core import LoadPlan, TensorPlace, check_adapter_path, plan_load, raise_for_mismatches
+from ..core import LoadPlan, TensorPlace, plan_load, raise_for_mismatches, verify_adapter_path
 from . import _peft_view as pv
 from ._load import load_transaction
 from ._save_folder import saving_folder
@@ -271,7 +271,7 @@ def _check_before_loading(root: torch.nn.Module, arguments: dict) -> tuple[LoadP
                                                          None)
     if model_id is not None and arguments.get("adapter_state_dict") is None:  # the local file, as PEFT's hook does
         subfolder = {**(arguments.get("adapter_kwargs") or {}), **(arguments.get("kwargs") or {})}.get("subfolder")
-        check_adapter_path(model_id, subfolder)
+        verify_adapter_path(model_id, subfolder)
     if (arguments.get("adapter_kwargs") or {}).get("key_mapping") or getattr(
         root, "_checkpoint_conversion_mapping", None
     ):

@@ -185,9 +185,7 @@ def check_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[st
         >>> check_adapter_path("some-user/some-hub-adapter") is None
         True
     """
-    folder = Path(model_id) / subfolder if subfolder else Path(model_id)
-    if folder.is_dir():
-        check_folder_complete(folder)  # an interrupted save: files of two saves (one stat when none was)
+    _check_folder(model_id, subfolder)
     path = find_weights_file(model_id, subfolder)
     if path is None:
         return None
@@ -196,6 +194,13 @@ def check_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[st
             raise _corrupt(path, "the file is empty", "a torch.save() archive", "0 bytes")
         return None
     return check_safetensors_file(path)
+
+
+def _check_folder(model_id: Union[str, os.PathLike], subfolder: Optional[str]) -> None:
+    """An interrupted save left files of two saves in the folder: refused (one ``stat`` when no save was)."""
+    folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+    if folder.is_dir():
+        check_folder_complete(folder)
 
 
 def verify_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[str] = None) -> None:
@@ -210,6 +215,7 @@ def verify_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[s
     if path is None or path.suffix != ".safetensors":
         check_adapter_path(model_id, subfolder)
         return
+    _check_folder(model_id, subfolder)
     from safetensors import safe_open
 
     try:
