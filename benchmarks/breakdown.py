@@ -26,15 +26,15 @@ STEPS = (
     "peft_buffers.binding._peft_view:settle",
     "peft_buffers.core._state:find_base_tensors",
     "peft_buffers.core._store:ExtraStateStore.settle",
+    "peft_buffers.core._store:ExtraStateStore.capture",
     "peft_buffers.binding._load:plan_load",
     "peft_buffers.binding._peft_view:model_view",
     "peft_buffers.binding._peft_view:ensure_store",
     "peft_buffers.binding._peft_view:sync",
     "peft_buffers.core._store:ExtraStateStore.set_values",
     "peft_buffers.core._store:ExtraStateStore.switch",
-    "peft_buffers.binding._hooks:check_adapter_path",
+    "peft_buffers.binding._load:verify_adapter_path",
     "peft_buffers.core._transaction:Transaction.__init__",
-    "peft_buffers.core._transaction:Transaction._unshadow",
     "peft.peft_model:safe_save_file",  # PEFT binds safetensors' functions by these names
     "peft.utils.save_and_load:safe_load_file",
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from ._text import plural
 
@@ -20,7 +20,73 @@ __all__ = [
     "PeftBuffersWarning",
     "RollbackFailed",
     "UnsupportedPeftVersion",
+    "escape",
+    "listing",
 ]
+
+SHOWN = 20  # a refusal names this many offending keys, then counts the rest
+NAME_LIMIT = 300  # characters of one key, path or value printed in a message
+
+
+def escape(value: object, limit: int = NAME_LIMIT) -> str:
+    r"""``str(value)`` safe to print in a message: what could make it display as something else is escaped.
+
+    Every character that is not printable (control characters, NUL, bidirectional overrides such as U+202E,
+    zero-width and line-separator characters) is written as its Python escape (``\x00``, ``\u202e``), as
+    ``repr`` writes it, so no name can reorder, hide or fake the text around it. Escaping twice changes nothing
+    (a backslash is left alone: a Windows path stays readable). Text longer than ``limit`` characters is cut,
+    saying how much was left out.
+
+    Example:
+        >>> print(escape("bn.running_mean"))
+        bn.running_mean
+        >>> print(escape("evil\u202ekey\x00"))
+        evil\u202ekey\x00
+        >>> print(escape("x" * 10, limit=4))
+        xxxx... (6 more characters)
+    """
+    text = str(value)
+    if len(text) > limit:
+        text, cut = text[:limit], len(text) - limit
+    else:
+        cut = 0
+    if not text.isprintable():
+        text = "".join(_escaped(char) for char in text)
+    return f"{text}... ({cut} more characters)" if cut else text
+
+
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(char: str) -> str:
+    if char.isprintable():
+        return char
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def listing(lines: Iterable[str], shown: int = SHOWN, what: str = "key(s)", separator: str = "\n") -> str:
+    """The first ``shown`` items, one per line (or ``separator``), then a count of the rest: a message stays short.
+
+    Example:
+        >>> print(listing([f"- k{i}" for i in range(4)], shown=2))
+        - k0
+        - k1
+        ... and 2 more key(s)
+        >>> listing(["a", "b", "c"], shown=2, what="tensor(s)", separator=", ")
+        'a, b, ... and 1 more tensor(s)'
+    """
+    head, rest = [], 0
+    for line in lines:
+        if len(head) < shown:
+            head.append(line)
+        else:
+            rest += 1
+    if rest:
+        head.append(f"... and {rest:,} more {what}")
+    return separator.join(head)
 
 
 class PeftBuffersError(Exception):
@@ -123,7 +189,7 @@ class UnsupportedPeftVersion(PeftBuffersError, RuntimeError):
         self.supported = supported
         self.differences = list(differences)
         if self.differences:
-            shown = "; ".join(self.differences[:10])
+            shown = "; ".join(escape(d) for d in self.differences[:10])
             more = f" (and {len(self.differences) - 10} more)" if len(self.differences) > 10 else ""
             super().__init__(
                 f"peft {version} is not supported by peft_buffers: it differs from the registry entry it would "
@@ -149,7 +215,22 @@ class ExtraStateMismatch:
     fix: str
 
     def __str__(self) -> str:
-        return f"- {self.key}: {self.problem}; expected {self.expected}, found {self.found}. Fix: {self.fix}"
+        return self.line()
+
+    def line(self, fix_as_above: bool = False) -> str:
+        """``- key: problem; expected ..., found .... Fix: ...`` (``Fix: as above`` when the line before says it)."""
+        fix = "as above" if fix_as_above else escape(self.fix, limit=1000)
+        return (f"- {escape(self.key)}: {escape(self.problem)}; expected {escape(self.expected)}, found "
+                f"{escape(self.found)}. Fix: {fix}")
+
+
+def _mismatch_lines(mismatches: Sequence[ExtraStateMismatch]) -> str:
+    """The first :data:`SHOWN` mismatches, one per line, a fix said once for a run of lines sharing it; a count."""
+    lines = [m.line(fix_as_above=i > 0 and m.fix == mismatches[i - 1].fix)
+             for i, m in enumerate(mismatches[:SHOWN])]
+    if len(mismatches) > SHOWN:
+        lines.append(f"... and {len(mismatches) - SHOWN:,} more key(s)")
+    return "\n".join(lines)
 
 
 class IncompatibleExtraState(PeftBuffersError, ValueError):
@@ -167,7 +248,7 @@ class IncompatibleExtraState(PeftBuffersError, ValueError):
     def __init__(self, adapter_name: str, mismatches: list[ExtraStateMismatch]):
         self.adapter_name = adapter_name
         self.mismatches = list(mismatches)
-        lines = "\n".join(str(m) for m in self.mismatches)
+        lines = _mismatch_lines(self.mismatches)
         super().__init__(
             f"adapter {adapter_name!r}: {plural(len(self.mismatches), 'key')} of extra state (running statistics "
             f"or direct parameters) {'does' if len(self.mismatches) == 1 else 'do'} not fit the model; nothing was "
@@ -188,7 +269,8 @@ class CorruptAdapterFile(PeftBuffersError, ValueError):
     def __init__(self, path: str, problem: str, expected: str, found: str, fix: str):
         self.path, self.problem, self.expected, self.found, self.fix = str(path), problem, expected, found, fix
         super().__init__(
-            f"{path}: {problem}; expected {expected}, found {found}. Nothing was loaded. Fix: {fix}"
+            f"{escape(path)}: {escape(problem)}; expected {escape(expected)}, found {escape(found)}. Nothing was "
+            f"loaded. Fix: {escape(fix, limit=1000)}"
         )
 
 
@@ -208,8 +290,8 @@ class IncompatibleAdapterWeights(PeftBuffersError, RuntimeError):
     def __init__(self, where: str, mismatches: list[ExtraStateMismatch]):
         self.where = where
         self.mismatches = list(mismatches)
-        lines = "\n".join(str(m) for m in self.mismatches)
-        scope = f" into {where}" if where else ""
+        lines = _mismatch_lines(self.mismatches)
+        scope = f" into {escape(where)}" if where else ""
         super().__init__(
             f"{plural(len(self.mismatches), 'tensor')} of the state dict being loaded{scope} "
             f"{'does' if len(self.mismatches) == 1 else 'do'} not fit the model; nothing was written.\n{lines}"
@@ -230,8 +312,9 @@ class RollbackFailed(PeftBuffersError, RuntimeError):
     def __init__(self, describe, original: BaseException):
         self.original = original
         super().__init__(
-            f"{describe or 'a load'} failed ({type(original).__name__}: {original}) and rolling the model back "
-            f"failed as well: the model may be partly changed. Rebuild it (or reload the base model) before use."
+            f"{escape(describe or 'a load')} failed ({type(original).__name__}: {escape(original)}) and rolling the "
+            f"model back failed as well: the model may be partly changed. Rebuild it (or reload the base model) "
+            f"before use."
         )
 
 
@@ -248,6 +331,6 @@ class ConversionRefused(PeftBuffersError, ValueError):
     def __init__(self, target: str, problems: list[str]):
         self.target = target
         self.problems = list(problems)
-        listed = "\n".join(f"- {problem}" for problem in self.problems)
+        listed = listing((f"- {escape(problem, limit=1000)}" for problem in self.problems), what="problem(s)")
         super().__init__(f"cannot convert for PEFT {target} without changing the adapter "
                          f"({plural(len(self.problems), 'problem')}):\n{listed}")

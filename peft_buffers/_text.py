@@ -20,12 +20,15 @@ def plural(count: int, noun: str, many: Optional[str] = None) -> str:
 
 
 def first_names(names: Iterable[str], shown: int = SHOWN) -> str:
-    """The first ``shown`` names, comma-separated, then how many more there are.
+    """The first ``shown`` names, escaped (:func:`peft_buffers._errors.escape`), comma-separated, then how many
+    more there are.
 
     Example:
         >>> first_names(["a", "b"]), first_names([f"t{i}" for i in range(8)], shown=3)
         ('a, b', 't0, t1, t2, ... (5 more)')
     """
+    from ._errors import escape  # here, not at the top: _errors imports this module
+
     names = list(names)
-    listed = ", ".join(names[:shown])
+    listed = ", ".join(escape(name) for name in names[:shown])
     return listed + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")

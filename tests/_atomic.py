@@ -12,6 +12,7 @@ adapter(s). ``extra`` (a callable model -> comparable value) adds anything else,
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -147,3 +148,19 @@ def assert_changed(before: Fingerprint, model: nn.Module) -> list[str]:
     found = differences(before, model)
     assert found, "expected the model to have changed"
     return found
+
+
+class FailAt:
+    """Calls ``function``, except the ``at``-th call, which fails as a full disk does (a write first writes half
+    of what it was asked to, as ``write_half`` says how)."""
+
+    def __init__(self, function, at: int, write_half=None):
+        self.function, self.at, self.write_half, self.calls = function, at, write_half, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            if self.write_half is not None:
+                self.write_half(self.function, *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        return self.function(*args, **kwargs)

@@ -11,3 +11,17 @@ requires_low_cpu_mem_usage = pytest.mark.skipif(
     PEFT_VERSION < Version("0.13.0"),
     reason=f"low_cpu_mem_usage loading was added in PEFT 0.13 (installed: {PEFT_VERSION})",
 )
+
+
+def _save_takes_is_main_process() -> bool:
+    import inspect
+
+    from peft import PeftModel
+
+    return "is_main_process" in inspect.signature(PeftModel.save_pretrained).parameters
+
+
+requires_is_main_process = pytest.mark.skipif(
+    not _save_takes_is_main_process(),
+    reason=f"PeftModel.save_pretrained has no is_main_process in PEFT {PEFT_VERSION} (it writes on every process)",
+)

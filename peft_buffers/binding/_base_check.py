@@ -140,7 +140,9 @@ def record_base_identity(model: nn.Module, folder: Union[str, os.PathLike]) -> N
 
     Works for any model with adapters: a ``PeftModel`` (adapter ``default`` in ``folder``, the others in
     subfolders) or a transformers model with adapters (its active adapter in ``folder``). Nothing is written
-    while disabled or with ``enable(base_check="off")``, nor for a sharded base (FSDP2, DeepSpeed ZeRO-3).
+    while disabled or with ``enable(base_check="off")``, nor for a sharded base (FSDP2, DeepSpeed ZeRO-3). An
+    ``OSError`` writing the file is raised (the save fails, as for PEFT's own files); an identity that cannot be
+    computed is a warning.
 
     Example:
         >>> record_base_identity(nn.Linear(1, 1), "/nonexistent")  # no adapter: nothing to add
@@ -149,7 +151,9 @@ def record_base_identity(model: nn.Module, folder: Union[str, os.PathLike]) -> N
         return
     try:
         write_identities(model, os.fspath(folder))
-    except Exception as error:  # noqa: BLE001 - PEFT's files are written: say what is missing, do not fail the save
+    except OSError:
+        raise  # the file could not be written: the save fails like one of PEFT's files (and publishes nothing)
+    except Exception as error:  # noqa: BLE001 - an identity that cannot be computed must not stop the save
         warnings.warn(f"peft_buffers: the identity of the base model was not recorded in {os.fspath(folder)} "
                       f"({type(error).__name__}: {error}); loading will not check the base", PeftBuffersWarning,
                       stacklevel=4)

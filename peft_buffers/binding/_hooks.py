@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+import weakref
 from typing import Callable
 
 from torch import nn
@@ -32,15 +33,40 @@ __all__ = ["ROOT_ATTR", "after_adapter_change", "make_hook", "root_of"]
 ROOT_ATTR = "_peft_buffers_root"
 
 
+class _RootRef:
+    """A tuner's weak reference to its model: no reference cycle, so a dropped model is freed at once, as with
+    stock PEFT. A deep copy refers to the copied model, a pickle to the unpickled one."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, root: nn.Module):
+        self.ref = weakref.ref(root)
+
+    def __deepcopy__(self, memo: dict) -> _RootRef:
+        root = self.ref()
+        return _RootRef(memo.get(id(root), root))
+
+    def __getstate__(self) -> dict:
+        return {"root": self.ref()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.ref = weakref.ref(state["root"])
+
+
 def root_of(obj: nn.Module) -> nn.Module:
     """The model whose store holds ``obj``'s extra state: ``obj`` itself, or for a tuner the model it belongs to.
+
+    A tuner whose model is gone (``get_peft_model(...).unload()`` drops the PeftModel before the call) holds the
+    store itself: then the tuner stands for the model.
 
     Example:
         >>> layer = nn.Linear(1, 1)
         >>> root_of(layer) is layer
         True
     """
-    return obj.__dict__.get(ROOT_ATTR, obj)
+    holder = obj.__dict__.get(ROOT_ATTR)
+    root = holder.ref() if holder is not None else None
+    return root if root is not None else obj
 
 
 def after_adapter_change(root: nn.Module, peft_saved_keys: Callable) -> None:
@@ -68,7 +94,8 @@ def _attach(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) ->
             pv.ensure_store(self, _current.is_enabled)
             tuner = self._modules.get("base_model")
             if tuner is not None and callable(getattr(tuner, "inject_adapter", None)):
-                tuner.__dict__[ROOT_ATTR] = self  # tuner methods find the store through it
+                tuner.__dict__[ROOT_ATTR] = _RootRef(self)  # tuner methods find the store through it
+                tuner.__dict__[pv.STORE_ATTR] = pv.attached_store(self)  # kept alive while the tuner is
 
     return init
 

@@ -78,9 +78,10 @@ def _save(hook: AdapterHook, original: Callable, peft_saved_keys: Callable) -> C
         if _current.patch is None:
             return original(self, *args, **kwargs)
         bound = signature.bind(self, *args, **kwargs)
+        writes = bound.arguments.get("is_main_process", True)  # PEFT < 0.7 has none: it writes on every process
         token = SAVING.set(True)
         try:
-            with saving_folder(self, bound.arguments["save_directory"]) as target:
+            with saving_folder(self, bound.arguments["save_directory"], is_main_process=writes) as target:
                 bound.arguments["save_directory"] = target
                 return original(*bound.args, **bound.kwargs)
         finally:

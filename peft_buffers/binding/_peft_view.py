@@ -17,11 +17,11 @@ from .._errors import PeftBuffersWarning
 from .._text import first_names
 from ..core import BASE, BaseTensors, ExtraStateStore, ModelView, Transaction, active_transaction, find_base_tensors
 
-__all__ = ["active_adapter", "active_adapters", "attach_walk", "attached_store", "complete_captures",
+__all__ = ["STORE_ATTR", "active_adapter", "active_adapters", "attach_walk", "attached_store", "complete_captures",
            "covering_transaction", "defer_captures",
            "ensure_store", "model_view", "settle", "structure_changed", "sync", "wraps_for"]
 
-_STORE_ATTR = "_peft_buffers_store"
+STORE_ATTR = "_peft_buffers_store"  # where a model (and its tuner) keeps its store
 
 
 def _peft_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
@@ -131,7 +131,7 @@ def active_adapter(root: nn.Module) -> Optional[str]:
 
 def attached_store(root: nn.Module) -> Optional[ExtraStateStore]:
     """The store attached to ``root``, if any (without forwarding through ``__getattr__``)."""
-    return root.__dict__.get(_STORE_ATTR)
+    return root.__dict__.get(STORE_ATTR)
 
 
 _attach_lock = threading.Lock()
@@ -163,7 +163,7 @@ def ensure_store(root: nn.Module, is_enabled: Callable[[], bool] = lambda: True,
             transaction.memo[_DEFER].append((store, found))  # PeftModel.from_pretrained takes them at its end
         else:
             store.capture(found)
-        root.__dict__[_STORE_ATTR] = store
+        root.__dict__[STORE_ATTR] = store
         _remember_walk(root, found)
         return store
 

@@ -1,7 +1,8 @@
 """Hooks on transformers' ``PeftAdapterMixin``: adapters attached to a transformers model, no ``PeftModel``.
 
 ``model.save_pretrained`` of such a model calls PEFT's ``get_peft_model_state_dict`` (patched by ``enable()``),
-so saving needs nothing here. Loading and switching do:
+so the file carries the extra state; the ``"save"`` hook makes that save atomic, like ``PeftModel.save_pretrained``
+(:func:`peft_buffers.binding._save_folder.saving_folder`). Loading and switching:
 
 * transformers 4.x ``load_adapter`` calls ``set_peft_model_state_dict`` (patched), so only switching is hooked;
 * transformers 5.x ``load_adapter`` loads the adapter file with its own weight loader, which writes every key
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable, Optional
@@ -24,10 +26,11 @@ import torch
 from packaging.version import Version
 
 from .._errors import PeftBuffersWarning
-from ..core import LoadPlan, TensorPlace, plan_load, raise_for_mismatches
+from ..core import LoadPlan, TensorPlace, plan_load, raise_for_mismatches, verify_adapter_path
 from . import _peft_view as pv
 from ._base_check import check_base_before_transformers_load
 from ._load import load_transaction
+from ._save_folder import saving_folder
 from ._targets import resolve_target
 from .registry import AdapterHook, TransformersEntry, transformers_entry_for
 
@@ -175,6 +178,29 @@ def _make_hook(kind: str, original: Callable, peft_saved_keys: Callable, is_enab
     if kind == "load":
         return _make_load(original, peft_saved_keys, is_enabled)
 
+    if kind == "save":
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def save_pretrained(self, *args, **kwargs):
+            if not is_enabled() or not getattr(self, "_hf_peft_config_loaded", False):
+                return original(self, *args, **kwargs)  # no adapters: transformers' own full save
+            bound = signature.bind(self, *args, **kwargs)
+            writes = bound.arguments.get("is_main_process", True)
+            folder = bound.arguments["save_directory"]
+            if bound.arguments.get("push_to_hub") and extra_name is not None:
+                # transformers names the Hub repository after the folder by default: the folder's name, not
+                # the staging folder's
+                extra = bound.arguments.setdefault(extra_name, {})
+                extra.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(folder))))
+            with saving_folder(self, folder, is_main_process=writes) as target:
+                bound.arguments["save_directory"] = target
+                return original(*bound.args, **bound.kwargs)
+
+        extra_name = next((name for name, parameter in signature.parameters.items()
+                           if parameter.kind is inspect.Parameter.VAR_KEYWORD), None)
+        return save_pretrained
+
     if kind == "validate":
         signature = inspect.signature(original)
 
@@ -242,6 +268,11 @@ def _check_before_loading(root: torch.nn.Module, arguments: dict) -> tuple[LoadP
     (``modules_to_save``) included: those copy the base module, so they fit whenever it does. Returns the
     plan (its ``extra``: the tensors the load may write) and the incoming state dict with the model's keys.
     """
+    model_id = arguments.get("peft_model_id") or getattr(arguments.get("load_config"), "pretrained_model_name_or_path",
+                                                         None)
+    if model_id is not None and arguments.get("adapter_state_dict") is None:  # the local file, as PEFT's hook does
+        subfolder = {**(arguments.get("adapter_kwargs") or {}), **(arguments.get("kwargs") or {})}.get("subfolder")
+        verify_adapter_path(model_id, subfolder)
     check_base_before_transformers_load(root, arguments)
     if (arguments.get("adapter_kwargs") or {}).get("key_mapping") or getattr(
         root, "_checkpoint_conversion_mapping", None

@@ -58,8 +58,8 @@ class AdapterHook:
       file's header: a load that fails for any reason leaves the model exactly as it was;
     * ``"from_pretrained"``: the same for the classmethod ``PeftModel.from_pretrained``, on the base model passed;
     * ``"structure"``: ``BaseTuner.inject_adapter`` added modules: a walk made earlier in the same load is stale;
-    * ``"save"``: ``PeftModel.save_pretrained`` runs inside ``_save_folder.saving_folder``, which adds
-      peft_buffers' own files to the folder PEFT writes;
+    * ``"save"``: ``PeftModel.save_pretrained`` runs inside ``_save_folder.saving_folder``: PEFT writes into a
+      staging folder, peft_buffers adds its own files, and every file is moved into place atomically;
     * ``"report"``: ``PeftModel.healthcheck`` (PEFT >= 0.22): peft_buffers' findings are added to PEFT's report;
     * ``"forward"``: ``target`` is a ``__getattr__`` that forwards ``method`` to the tuner (PEFT < 0.16 has no
       ``PeftModel.delete_adapter``); the forwarded call is wrapped like a ``"sync"`` hook on the PeftModel.
@@ -281,6 +281,8 @@ def readme_with_table(readme: str) -> str:
 # * ``"switch"``: after the original (``set_adapter``, ``enable_adapters``, ``disable_adapters``), make the
 #   extra state of the adapter that computes now live (the base model's own while adapters are disabled);
 # * ``"delete"``: after the original (``delete_adapter``), switch as above and forget deleted adapters' state;
+# * ``"save"``: ``PreTrainedModel.save_pretrained`` of a model with adapters (``_hf_peft_config_loaded``) runs
+#   inside ``_save_folder.saving_folder`` (atomic, like PEFT's own save); other models save as they always do;
 # * ``"load"``: transformers 5.x ``load_adapter`` loads the file through its own weight loader and never calls
 #   set_peft_model_state_dict: validate the file's extra state first, then keep what the loader wrote into the
 #   live tensors as the loaded adapter's own values (live only when that adapter is active);
@@ -320,6 +322,9 @@ _MIXIN_HOOKS = (
     AdapterHook(f"{_MIXIN}.enable_adapters", "switch"),
     AdapterHook(f"{_MIXIN}.disable_adapters", "switch"),
     AdapterHook(f"{_MIXIN}.delete_adapter", "delete"),
+    # a model with adapters saves only them, in PEFT's format: atomically, as PeftModel.save_pretrained
+    AdapterHook("transformers.modeling_utils:PreTrainedModel.save_pretrained", "save",
+                params=("self", "save_directory", "is_main_process")),
 )
 _LOAD_V4 = ("self", "peft_model_id", "adapter_name", "revision", "token")
 _LOAD_V5 = ("self", "peft_model_id", "adapter_name", "peft_config", "adapter_state_dict", "low_cpu_mem_usage",

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 from packaging.version import InvalidVersion, Version
 
-from .._errors import ConversionRefused
+from .._errors import ConversionRefused, escape
 from .._text import plural
 from ..binding.registry import CONFIG_METADATA_FIELDS, REGISTRY, config_fields_data, entry_for, supported_range
 from ._common import print_error
@@ -160,10 +160,10 @@ def convert(source: Union[str, Path], to_peft: str, out: Optional[Union[str, Pat
     source = Path(source)
     entry = _target_entry(to_peft)
     if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such adapter folder")
+        raise FileNotFoundError(f"{escape(source)}: no such adapter folder")
     config_paths = sorted(source.rglob(CONFIG_NAME))
     if not config_paths:
-        raise FileNotFoundError(f"{source}: no {CONFIG_NAME} in it or below; expected a folder written by "
+        raise FileNotFoundError(f"{escape(source)}: no {CONFIG_NAME} in it or below; expected a folder written by "
                                 f"save_pretrained")
     report = ConvertReport(source, entry.line, entry.tested, [str(p.relative_to(source)) for p in config_paths])
     configs, problems = {}, []
@@ -184,9 +184,11 @@ def convert(source: Union[str, Path], to_peft: str, out: Optional[Union[str, Pat
         raise ValueError("convert needs an output folder (out=..., --out DST) unless check=True (--check)")
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{out} exists; convert writes a new folder: choose another --out or remove it")
+        raise FileExistsError(f"{escape(out)} exists; convert writes a new folder: choose another --out or remove "
+                              f"it")
     if out.resolve().is_relative_to(source.resolve()):
-        raise ValueError(f"--out {out} is inside the source folder {source}; choose a folder outside it")
+        raise ValueError(f"--out {escape(out)} is inside the source folder {escape(source)}; choose a folder "
+                         f"outside it")
     shutil.copytree(source, out, copy_function=shutil.copyfile)  # plain byte copies
     for relative, config in configs.items():
         dropped = {change.name for change in report.dropped if change.config == relative}

@@ -38,7 +38,7 @@ from typing import Optional
 from packaging.version import Version
 
 from .. import __version__, binding
-from .._errors import CommandError, PeftBuffersError
+from .._errors import CommandError, PeftBuffersError, escape
 from ..binding import NATIVE_FIELDS_NOTE, mixin_min_peft, peft_has_native_fields
 from ..binding._api_table import classify, installed_api
 from ..binding.registry import (
@@ -185,6 +185,9 @@ def doctor_report(deep: bool = False) -> dict:
     if not report["tested_transformers"]:
         report["notes"].append(f"CI pairs peft {entry.line}.x with transformers {entry.transformers}, "
                                f"not {versions['transformers']}")
+    if any(hook.kind == "hotswap_state_dict" for hook in entry.adapter_hooks):
+        report["hotswap"] = ("peft.utils.hotswap swaps a file's extra state too while peft_buffers is enabled; "
+                             "without it, PEFT's hotswap raises KeyError on a file that carries extra state")
     if deep:
         report["import_failures"] = _import_every_peft_module()
         report["adapter_api"] = adapter_api_rows(entry)
@@ -247,6 +250,8 @@ def _format(report: dict, strict: bool = False) -> str:
         lines.append(f"adapter API ({len(rows)} public methods; {sum(r['hooked'] for r in rows)} hooked):")
         lines += [f"  [{'hooked ' + r['kind'] if r['hooked'] else r['kind'] or 'NOT CLASSIFIED'}] {r['method']}: "
                   f"{r['meaning']}" for r in rows]
+    if report.get("hotswap"):
+        lines.append(f"hotswap: {report['hotswap']}")
     lines += [f"note: {note}" for note in report["notes"]]
     for path in report["unusable"]:
         lines.append(f"UNUSABLE: {path['path']}: {path['reason']}. Fix: {path['fix']}")
@@ -330,11 +335,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _update_readme(path: str) -> None:
     readme = Path(path)
     if not readme.is_file():
-        raise CommandError(f"{readme} not found (in {Path.cwd()}): --update-readme rewrites the README of a "
-                           f"peft_buffers clone; run it from the repository root or pass the README's path")
+        raise CommandError(f"{escape(readme)} not found (in {escape(Path.cwd())}): --update-readme rewrites the "
+                           f"README of a peft_buffers clone; run it from the repository root or pass the README's path")
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
-        raise CommandError(f"{readme} has no {README_START} ... {README_END} markers: is it peft_buffers' README?")
+        raise CommandError(f"{escape(readme)} has no {README_START} ... {README_END} markers: is it peft_buffers' "
+                           f"README?")
     readme.write_text(readme_with_table(text), encoding="utf-8")
     print(f"updated the support table in {readme}")
 

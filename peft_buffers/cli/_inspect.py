@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, TextIO
 
+from .._errors import escape
 from ..core import RUNNING_STAT_NAMES, SIDECAR_NAME, read_sidecar
 from ._common import print_error
 
@@ -174,7 +175,7 @@ def inspect_adapter(directory: str | Path) -> AdapterFileSummary:
         candidates = [path / "adapter_model.safetensors", path / "adapter_model.bin"]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {path}")
+            raise FileNotFoundError(f"no adapter_model.safetensors or adapter_model.bin in {escape(path)}")
         config_path: Optional[Path] = path / "adapter_config.json"
         path = found
     else:

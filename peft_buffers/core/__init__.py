@@ -2,8 +2,9 @@
 
 Find a model's base state and name it (:mod:`._state`), keep one value per adapter and find what training
 changed (:mod:`._store`), validate an incoming state dict before anything changes (:mod:`._load_plan`,
-:mod:`._adapter_file`), and run a load as one transaction (:mod:`._transaction`). The layers above
-(:mod:`peft_buffers.binding`, then the tools) import from here; nothing here imports them.
+:mod:`._adapter_file`), run a load as one transaction (:mod:`._transaction`), and publish a saved folder
+atomically (:mod:`._publish`). The layers above (:mod:`peft_buffers.binding`, then the tools) import from
+here; nothing here imports them.
 """
 
 from ._adapter_file import (
@@ -25,6 +26,7 @@ from ._base_identity import (
 )
 from ._fingerprint import FINGERPRINT_FORMAT, fingerprint, fingerprints, start_fingerprints
 from ._load_plan import LoadPlan, plan_load, raise_for_mismatches, resolve_key
+from ._publish import PENDING_NAME, StagedFolder, check_folder_complete, stage
 from ._state import (
     BASE,
     RUNNING_STAT_NAMES,
@@ -38,18 +40,20 @@ from ._state import (
     tracks_running_stats,
 )
 from ._store import ExtraStateStore, host_copies, install_optimizer_hook, remove_optimizer_hook, same_bytes
-from ._transaction import Transaction, active_transaction, atomic, run_atomically
+from ._transaction import Transaction, active_transaction, atomic, exclusive, run_atomically
 
 __all__ = [
     "BASE",
-    "FINGERPRINT_FORMAT",
-    "SIDECAR_NAME",
     "BaseIdentity",
-    "RUNNING_STAT_NAMES",
     "BaseTensors",
     "ExtraStateStore",
+    "FINGERPRINT_FORMAT",
     "LoadPlan",
     "ModelView",
+    "PENDING_NAME",
+    "RUNNING_STAT_NAMES",
+    "SIDECAR_NAME",
+    "StagedFolder",
     "TensorHeader",
     "TensorPlace",
     "TensorRecord",
@@ -58,9 +62,11 @@ __all__ = [
     "atomic",
     "base_differences",
     "check_adapter_path",
+    "check_folder_complete",
     "check_safetensors_file",
     "check_state_dict_fits",
     "describe_quantization",
+    "exclusive",
     "find_base_tensors",
     "find_running_stats",
     "find_trainable_parameters",
@@ -77,6 +83,7 @@ __all__ = [
     "resolve_key",
     "run_atomically",
     "same_bytes",
+    "stage",
     "start_fingerprints",
     "tracks_running_stats",
     "verify_adapter_path",

@@ -23,6 +23,7 @@ from torch.nn.parameter import is_lazy
 
 from .._errors import CorruptAdapterFile, ExtraStateMismatch, IncompatibleAdapterWeights
 from ._load_plan import _dtype_kind
+from ._publish import check_folder_complete
 
 __all__ = ["TensorHeader", "check_adapter_path", "check_safetensors_file", "check_state_dict_fits",
            "find_weights_file", "verify_adapter_path"]
@@ -177,12 +178,14 @@ def check_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[st
     """Check the local adapter weights file of ``model_id`` before loading; its safetensors entries, or None.
 
     None when there is nothing local to check (a Hub id) or the file is a pickle (``adapter_model.bin``: only
-    its non-emptiness is checked; torch reads the rest). Raises :class:`~peft_buffers.CorruptAdapterFile`.
+    its non-emptiness is checked; torch reads the rest). Raises :class:`~peft_buffers.CorruptAdapterFile`, also
+    when a save into the folder was interrupted between moving two of its files into place.
 
     Example:
         >>> check_adapter_path("some-user/some-hub-adapter") is None
         True
     """
+    _check_folder(model_id, subfolder)
     path = find_weights_file(model_id, subfolder)
     if path is None:
         return None
@@ -191,6 +194,13 @@ def check_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[st
             raise _corrupt(path, "the file is empty", "a torch.save() archive", "0 bytes")
         return None
     return check_safetensors_file(path)
+
+
+def _check_folder(model_id: Union[str, os.PathLike], subfolder: Optional[str]) -> None:
+    """An interrupted save left files of two saves in the folder: refused (one ``stat`` when no save was)."""
+    folder = Path(model_id) / subfolder if subfolder else Path(model_id)
+    if folder.is_dir():
+        check_folder_complete(folder)
 
 
 def verify_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[str] = None) -> None:
@@ -205,6 +215,7 @@ def verify_adapter_path(model_id: Union[str, os.PathLike], subfolder: Optional[s
     if path is None or path.suffix != ".safetensors":
         check_adapter_path(model_id, subfolder)
         return
+    _check_folder(model_id, subfolder)
     from safetensors import safe_open
 
     try:

@@ -188,32 +188,37 @@ class ModelView:
         kind_of = self.kind
         partial_children, owned_children = self.partial_children, self.owned_children
 
-        def visit(live: str, saved: str, canon: str, module: nn.Module) -> None:
+        # Depth first, children in order, each module once (at its first place). A loop, not a recursive
+        # closure: that would refer to itself and keep every module alive until the garbage collector runs.
+        stack = [(self.base_prefix, self.base_prefix, self.base_prefix, self.base)]
+        while stack:
+            live, saved, canon, module = stack.pop()
             if id(module) in seen:
-                return
+                continue
             seen.add(id(module))
             kind = kind_of(module)
             if kind is not OWNED:  # an owned wrapper's own tensors are PEFT's
                 found.append((live, saved, canon, module))
+            children = []
             if kind is PLAIN:
                 for name, child in module._modules.items():
                     if child is None:
                         continue
                     if name in _TRANSPARENT_SEGMENTS:
-                        visit(live, saved, canon, child)
+                        children.append((live, saved, canon, child))
                     else:
-                        visit(f"{live}{name}.", f"{saved}{name}.", f"{canon}{name}.", child)
-                return
-            allowed = owned_children if kind is OWNED else partial_children
-            for name, child in module._modules.items():
-                if child is None:
-                    continue
-                if name in allowed:
-                    visit(f"{live}{name}.", saved if kind is OWNED else f"{saved}{name}.", canon, child)
-                else:
-                    adapter_prefixes.add(f"{live}{name}.")
-
-        visit(self.base_prefix, self.base_prefix, self.base_prefix, self.base)
+                        children.append((f"{live}{name}.", f"{saved}{name}.", f"{canon}{name}.", child))
+            else:
+                allowed = owned_children if kind is OWNED else partial_children
+                for name, child in module._modules.items():
+                    if child is None:
+                        continue
+                    if name in allowed:
+                        children.append((f"{live}{name}.", saved if kind is OWNED else f"{saved}{name}.", canon,
+                                         child))
+                    else:
+                        adapter_prefixes.add(f"{live}{name}.")
+            stack.extend(reversed(children))
         return found, adapter_prefixes
 
     def modules(self) -> list[tuple[str, str, str, nn.Module]]:

@@ -32,12 +32,13 @@ from ._state import BASE, BaseTensors, ModelView, TensorPlace, find_base_tensors
 __all__ = ["ExtraStateStore", "host_copies", "install_optimizer_hook", "remove_optimizer_hook", "same_bytes"]
 
 
-def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]], cache: Optional[dict] = None) -> list[bool]:
     """For each ``(a, b)``: True when both hold exactly the same bits (NaN == NaN; shape and dtype must match).
 
     All pairs of one device are compared at once: one concatenation of each side and one host sync, not one
     comparison (and, on an accelerator, one sync) per tensor. On the CPU a single ``torch.equal`` settles the
-    common case where nothing differs; only then are the pairs told apart.
+    common case where nothing differs; only then are the pairs told apart. ``cache``: a dict of the caller's
+    (a store's) where the segment layout of the last comparisons is kept for the next.
 
     Example:
         >>> same_bytes([(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("nan")])),
@@ -62,24 +63,24 @@ def same_bytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
             continue
         sizes = tuple(t.numel() for t in lefts)
         counts = torch.zeros(len(indices), dtype=torch.int32, device=device)
-        counts.index_add_(0, _segment_ids(device, sizes), (left != right).to(torch.int32))
+        counts.index_add_(0, _segment_ids(device, sizes, cache), (left != right).to(torch.int32))
         for i, n in zip(indices, counts.tolist()):
             result[i] = n == 0
     return result
 
 
-_SEGMENTS: Dict[tuple, torch.Tensor] = {}
-
-
-def _segment_ids(device: torch.device, sizes: tuple[int, ...]) -> torch.Tensor:
-    """``[0]*sizes[0] + [1]*sizes[1] + ...`` on ``device``, kept for the next call with the same layout."""
+def _segment_ids(device: torch.device, sizes: tuple[int, ...], cache: Optional[dict]) -> torch.Tensor:
+    """``[0]*sizes[0] + [1]*sizes[1] + ...`` on ``device``, kept in ``cache`` (a store's own: a module-level one
+    would keep dropped models' layouts) for the next call with the same layout."""
     key = (device, sizes)
-    ids = _SEGMENTS.get(key)
+    ids = cache.get(key) if cache is not None else None
     if ids is None:
-        if len(_SEGMENTS) > 8:
-            _SEGMENTS.clear()
         counts = torch.tensor(sizes, device=device)
-        ids = _SEGMENTS[key] = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts)
+        ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), counts, output_size=sum(sizes))
+        if cache is not None:
+            if len(cache) > 8:
+                cache.clear()
+            cache[key] = ids
     return ids
 
 
@@ -88,6 +89,9 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     return tensor.view(-1).view(torch.uint8)
+
+
+_TRANSIENT = ("_lock", "_segments")  # store attributes that are not state: never snapshotted nor pickled
 
 
 class ExtraStateStore:
@@ -129,6 +133,7 @@ class ExtraStateStore:
         self.joint_changes: Dict[str, tuple[str, ...]] = {}  # key -> every owner active when it changed
         self._unshared: set[str] = set()  # joint changes not yet copied to the other owners of the group
         self._lock = threading.RLock()
+        self._segments: dict = {}  # same_bytes' layouts (a cache: never snapshotted or pickled)
 
     # -- capture
     def capture(self, found: BaseTensors) -> None:
@@ -213,9 +218,9 @@ class ExtraStateStore:
                     pairs.append((live_tensor, ref))
                     keys.append((key, place))
             for members in groups.values():
-                for key, place in _changed_in_group(members):
+                for key, place in _changed_in_group(members, self._segments):
                     changed[key] = place
-            for (key, place), same in zip(keys, same_bytes(pairs)):
+            for (key, place), same in zip(keys, same_bytes(pairs, self._segments)):
                 if not same:
                     changed[key] = place
             params = {k: p.tensor for k, p in changed.items() if p.is_parameter}
@@ -387,13 +392,13 @@ class ExtraStateStore:
     def __peft_buffers_snapshot__(self) -> Callable[[], None]:
         """A closure that restores this store and the live tensors it manages to their state now."""
         with self._lock:
-            state = {name: _copy_nested(value) for name, value in vars(self).items() if name != "_lock"}
+            state = {name: _copy_nested(value) for name, value in vars(self).items() if name not in _TRANSIENT}
             live_data = {key: (place, place.tensor.data, place.tensor.requires_grad)
                          for key, place in self.places.items()}
 
         def restore() -> None:
             with self._lock:
-                for name in [n for n in vars(self) if n != "_lock"]:
+                for name in [n for n in vars(self) if n not in _TRANSIENT]:
                     if name not in state:
                         delattr(self, name)
                 vars(self).update(state)
@@ -406,16 +411,15 @@ class ExtraStateStore:
         return restore
 
     def __getstate__(self) -> dict:  # picklable with the model (torch.save(model)); locks are not
-        state = dict(vars(self))
-        state.pop("_lock", None)
-        return state
+        return {name: value for name, value in vars(self).items() if name not in _TRANSIENT}
 
     def __setstate__(self, state: dict) -> None:
         defaults = ExtraStateStore.__new__(ExtraStateStore)
         ExtraStateStore.__init__(defaults)  # attributes a store pickled by an older release lacks
-        vars(self).update({k: v for k, v in vars(defaults).items() if k != "_lock"})
+        vars(self).update({k: v for k, v in vars(defaults).items() if k not in _TRANSIENT})
         vars(self).update(state)
         self._lock = threading.RLock()
+        self._segments = {}
         self._adopt_pending = True  # unpickled: the parameters are new tensors (see _adopt)
 
     def __deepcopy__(self, memo: dict) -> ExtraStateStore:
@@ -490,7 +494,7 @@ def _flat_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, Union[torch.T
     return copies
 
 
-def _changed_in_group(members: list) -> list:
+def _changed_in_group(members: list, cache: Optional[dict] = None) -> list:
     """``(key, place)`` of the members whose live value differs from its slot; all slots of one flat copy.
 
     When the members are the whole flat copy, in order, the live values are concatenated and compared with it
@@ -503,7 +507,7 @@ def _changed_in_group(members: list) -> list:
         if torch.equal(_as_bytes(live), _as_bytes(flat)):
             return []
     pairs = [(place.tensor.detach(), slot.tensor()) for _, place, slot in members]
-    return [(key, place) for (key, place, _), same in zip(members, same_bytes(pairs)) if not same]
+    return [(key, place) for (key, place, _), same in zip(members, same_bytes(pairs, cache)) if not same]
 
 
 def host_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -541,17 +545,45 @@ def _copy_nested(value):
 
 _index_lock = threading.Lock()
 # id(parameter) -> (weak store, base key, weak parameter): which store to tell before an optimizer steps it.
+# Bounded by the parameters alive: an entry leaves when its parameter is freed (the weak reference's callback)
+# or, at the next indexing, when its store is gone; nothing here keeps a model alive.
 _PARAMETER_INDEX: Dict[int, tuple[weakref.ref, str, weakref.ref]] = {}
 _checked: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple] = weakref.WeakKeyDictionary()
 _hook_handle = None
+_swept_at = 0  # size of the index after its last sweep for entries of dead stores
+
+
+class _ParameterRef(weakref.ref):
+    """A weak reference to an indexed parameter that knows its index entry (for :func:`_forget_parameter`)."""
+
+    __slots__ = ("entry_id",)
+
+
+def _forget_parameter(ref: _ParameterRef) -> None:
+    """Weak-reference callback: the parameter is being freed, its entry goes (no lock: a collection may run
+    this while the same thread holds the index lock; one dict lookup and pop are atomic)."""
+    entry = _PARAMETER_INDEX.get(ref.entry_id)
+    if entry is not None and entry[2] is ref:
+        _PARAMETER_INDEX.pop(ref.entry_id, None)
 
 
 def _index_parameters(store: ExtraStateStore, parameters: Mapping[str, TensorPlace]) -> None:
+    global _swept_at
     ref = weakref.ref(store)
     with _index_lock:
         for key, place in parameters.items():
             tensor = place.tensor
-            _PARAMETER_INDEX[id(tensor)] = (ref, key, weakref.ref(tensor))
+            entry = _PARAMETER_INDEX.get(id(tensor))
+            if entry is not None and entry[0] is ref and entry[1] == key and entry[2]() is tensor:
+                continue  # already indexed (a second attach of the same store)
+            tensor_ref = _ParameterRef(tensor, _forget_parameter)
+            tensor_ref.entry_id = id(tensor)
+            _PARAMETER_INDEX[id(tensor)] = (ref, key, tensor_ref)
+        if len(_PARAMETER_INDEX) > 2 * _swept_at + 64:  # amortised: entries of stores that are gone
+            for entry_id, entry in _PARAMETER_INDEX.copy().items():  # a copy: callbacks may pop meanwhile
+                if entry[0]() is None and _PARAMETER_INDEX.get(entry_id) is entry:
+                    _PARAMETER_INDEX.pop(entry_id, None)
+            _swept_at = len(_PARAMETER_INDEX)
         _checked.clear()
 
 

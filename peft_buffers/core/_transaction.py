@@ -34,14 +34,15 @@ import contextlib
 import gc
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
 import torch
 from torch import nn
 
-from .._errors import RollbackFailed
+from .._errors import RollbackFailed, escape
 
-__all__ = ["Transaction", "active_transaction", "atomic", "run_atomically"]
+__all__ = ["Transaction", "active_transaction", "atomic", "exclusive", "run_atomically"]
 
 T = TypeVar("T")
 Validator = Callable[[nn.Module, Mapping[str, Any], Mapping[str, torch.Tensor], bool], None]
@@ -52,6 +53,10 @@ _PLAIN = frozenset({bool, int, float, str, bytes, tuple, type(None), torch.Tenso
 
 _lock = threading.Lock()
 _active: dict[int, Transaction] = {}  # id(root) -> the outermost open transaction on that root
+# One re-entrant lock per root, held by the thread that runs a transaction on it (or saves it) for the whole
+# block: a load from another thread waits. id(root) -> (weak reference, lock): a model that is gone takes its
+# lock with it (by identity: a module that defines __eq__ without __hash__ works too).
+_root_locks: dict[int, tuple[weakref.ref, threading.RLock]] = {}
 
 
 def _copy_container(value: Any) -> Any:
@@ -168,6 +173,7 @@ class Transaction:
         self.module_ids: set[int] = set()  # the modules whose load_state_dict is intercepted
         self.memo: dict[str, Any] = {}  # for the caller: what it already did during this load (checked files)
         self.open = True
+        self.thread = threading.get_ident()  # the only thread that joins it
         with _no_gc():  # thousands of small copies would trigger full collections of a large heap
             self._snapshot(root, deep)
 
@@ -327,7 +333,9 @@ def _close_transaction(transaction: Transaction) -> None:
 
 
 def active_transaction(root: nn.Module) -> Optional[Transaction]:
-    """The open transaction on ``root`` (the outermost one), or None.
+    """The open transaction on ``root`` (the outermost one) run by the calling thread, or None.
+
+    Another thread's transaction is never returned: a load from this thread waits for it instead of joining.
 
     Example:
         >>> layer = nn.Linear(1, 1)
@@ -338,7 +346,45 @@ def active_transaction(root: nn.Module) -> Optional[Transaction]:
         True
     """
     with _lock:
-        return _active.get(id(root))
+        transaction = _active.get(id(root))
+    return transaction if transaction is not None and transaction.thread == threading.get_ident() else None
+
+
+def _root_lock(root: nn.Module) -> threading.RLock:
+    key = id(root)
+    with _lock:
+        entry = _root_locks.get(key)
+        if entry is None or entry[0]() is not root:
+            entry = _root_locks[key] = (weakref.ref(root, _forget_lock(key)), threading.RLock())
+        return entry[1]
+
+
+def _forget_lock(key: int) -> Callable[[weakref.ref], None]:
+    def forget(ref: weakref.ref) -> None:  # no lock taken: a collection may run this anywhere
+        entry = _root_locks.get(key)
+        if entry is not None and entry[0] is ref:
+            _root_locks.pop(key, None)
+
+    return forget
+
+
+@contextlib.contextmanager
+def exclusive(root: nn.Module) -> Iterator[None]:
+    """Hold ``root``'s lock for the block: a load into ``root`` from another thread waits until it ends.
+
+    The lock :func:`atomic` holds for a whole load; re-entrant, so a load inside the block (same thread) runs.
+    A save holds it so that it never sees a model halfway through another thread's load.
+
+    Example:
+        >>> layer = nn.Linear(1, 1)
+        >>> with exclusive(layer):
+        ...     with atomic(layer) as transaction:  # the same thread: not blocked
+        ...         transaction.open
+        True
+    """
+    lock = _root_lock(root)
+    with lock:
+        yield
 
 
 def _annotate(error: BaseException, note: str) -> None:
@@ -383,9 +429,12 @@ def atomic(
     whether modules of class ``cls`` get the full snapshot (every container of their ``__dict__``) rather than
     the light one (children, tensors, attributes); default: every module. The root always gets the full one.
 
-    Nested on the same root, the inner block joins the outer transaction (its tensors are protected by the
-    outer one, which does the rollback). If rolling back itself fails, :class:`RollbackFailed` is raised
-    from the rollback error, carrying the original exception as ``original``.
+    Nested on the same root in the same thread, the inner block joins the outer transaction (its tensors are
+    protected by the outer one, which does the rollback when the inner block's exception reaches it). A
+    transaction on ``root`` from another thread is never joined: this one waits until it has ended (one
+    re-entrant lock per root, see :func:`exclusive`), then takes its own snapshot. If rolling back itself
+    fails, :class:`RollbackFailed` is raised from the rollback error, carrying the original exception as
+    ``original``.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2))
@@ -397,31 +446,31 @@ def atomic(
         ...     print(type(net[0]).__name__, error.__notes__[0].startswith("peft_buffers: a demo failed"))
         Linear True
     """
-    with _lock:
-        outer = _active.get(id(root))
-    if outer is not None:
-        outer.protect(extra_tensors)
-        yield outer
-        return
-    transaction = Transaction(root, describe, _default_validator() if validate is _DEFAULT else validate, deep)
-    transaction.protect(extra_tensors)
-    with _lock:
-        _active[id(root)] = transaction
-    try:
-        _open_transaction(transaction)
-        yield transaction
-    except BaseException as error:
-        try:
-            transaction.restore()
-        except BaseException as rollback_error:
-            raise RollbackFailed(describe, error) from rollback_error
-        what = describe or "a load"
-        _annotate(error, f"peft_buffers: {what} failed; the model was rolled back to its state before it.")
-        raise
-    finally:
-        _close_transaction(transaction)
+    with exclusive(root):  # another thread's load into root ends first: never joined
+        outer = active_transaction(root)
+        if outer is not None:
+            outer.protect(extra_tensors)
+            yield outer
+            return
+        transaction = Transaction(root, describe, _default_validator() if validate is _DEFAULT else validate, deep)
+        transaction.protect(extra_tensors)
         with _lock:
-            _active.pop(id(root), None)
+            _active[id(root)] = transaction
+        try:
+            _open_transaction(transaction)
+            yield transaction
+        except BaseException as error:
+            try:
+                transaction.restore()
+            except BaseException as rollback_error:
+                raise RollbackFailed(describe, error) from rollback_error
+            what = escape(describe or "a load")
+            _annotate(error, f"peft_buffers: {what} failed; the model was rolled back to its state before it.")
+            raise
+        finally:
+            _close_transaction(transaction)
+            with _lock:
+                _active.pop(id(root), None)
 
 
 def run_atomically(

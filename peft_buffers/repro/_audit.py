@@ -9,6 +9,7 @@ from typing import Iterable, Optional
 from torch import nn
 
 from .. import binding as pv
+from .._errors import escape
 from .._text import plural
 from ..binding import extra_state_for_report, is_enabled
 from ._common import TensorEntry, adapter_tensors, base_tensors, saved_layout
@@ -111,7 +112,7 @@ class AuditReport:
             if not (e.saved_by == "PEFT" or (e.saved_by == "peft_buffers" and e.what == "buffer"))
             and not any(fnmatch.fnmatchcase(e.name, pattern) for pattern in patterns)
         ]
-        problems = [f"  - {e.name} ({e.what}): {e.status}" for e in offenders]
+        problems = [f"  - {escape(e.name)} ({e.what}): {e.status}" for e in offenders]
         trainable = [e for e in self.entries if e.part == "adapter" and e.trainable]
         if trainable and not self.adapters_changed:
             problems.append(f"  - none of the {len(trainable)} trainable adapter tensors changed: was the optimizer "

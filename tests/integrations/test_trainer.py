@@ -6,6 +6,7 @@ parameters): stock PEFT checkpoints lose both, so a loaded checkpoint or a resum
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 
@@ -16,6 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_buffers import BaseMismatchWarning
 
+from .._atomic import FailAt
 from ._tiny import STEM_NORM, images, logits, lora_config, resnet
 
 STEPS, SAVE_EVERY = 6, 2
@@ -97,3 +99,27 @@ def test_resume_from_checkpoint_continues_identically(uninterrupted, tmp_path):
     assert torch.equal(resumed.stats[STEPS], full.stats[STEPS])
     assert torch.equal(logits(resumed_model), logits(full_model))
     assert torch.equal(logits(resumed_model), full.logits[STEPS])
+
+
+def test_a_checkpoint_save_that_fails_keeps_the_previous_adapter(enabled, tmp_path, monkeypatch):
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=0.01, use_cpu=True, report_to=[], logging_strategy="no",
+                             disable_tqdm=True, dataloader_num_workers=0, save_strategy="no")
+    trainer = Trainer(model=peft_resnet(), args=args, train_dataset=Dataset())
+    out = tmp_path / "out"
+    trainer.save_model(str(out))
+    before = {name: (out / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")}
+    saved = logits(PeftModel.from_pretrained(resnet(0), out))
+    trainer.train()
+    trained = logits(trainer.model)
+    assert not torch.equal(trained, saved)
+
+    monkeypatch.setattr(os, "replace", FailAt(os.replace, 2))  # the weights file's move into place
+    with pytest.raises(OSError, match="injected"):
+        trainer.save_model(str(out))
+    monkeypatch.undo()
+
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert torch.equal(logits(PeftModel.from_pretrained(resnet(0), out)), saved)
+    trainer.save_model(str(out))
+    assert torch.equal(logits(PeftModel.from_pretrained(resnet(0), out)), trained)

@@ -17,10 +17,14 @@ ENTRY = transformers_entry_for(INSTALLED)
 
 
 def mixin_methods():
-    from transformers.integrations.peft import PeftAdapterMixin
+    """{site: the function there now} for every hooked method (PeftAdapterMixin's, PreTrainedModel.save_pretrained)."""
+    from peft_buffers.binding._targets import resolve_target
 
-    return {hook.target.rsplit(".", 1)[1]: PeftAdapterMixin.__dict__[hook.target.rsplit(".", 1)[1]]
-            for hook in ENTRY.hooks}
+    methods = {}
+    for hook in ENTRY.hooks:
+        owner, attr = resolve_target(hook.target)
+        methods[f"{owner.__module__}.{owner.__qualname__}.{attr}"] = owner.__dict__[attr]
+    return methods
 
 
 @pytest.mark.skipif(ENTRY is None, reason=f"transformers {INSTALLED} is in no TRANSFORMERS_REGISTRY range")
@@ -37,8 +41,8 @@ def test_enable_wraps_each_mixin_method_and_disable_restores_the_exact_original(
     assert all(patched[name] is not original and patched[name].__wrapped__ is original
                for name, original in originals.items())
     assert status["transformers"]["hooked"] is True
-    assert {f"transformers.integrations.peft.PeftAdapterMixin.{name}" for name in originals} <= {
-        site["site"] for site in status["sites"] if site["patched"]}
+    assert set(originals) <= {site["site"] for site in status["sites"] if site["patched"]}
+    assert "transformers.modeling_utils.PreTrainedModel.save_pretrained" in originals
     assert all(mixin_methods()[name] is original for name, original in originals.items())
 
 

@@ -9,6 +9,8 @@ Guards https://github.com/huggingface/peft/issues/1732 (statistics) and /issues/
 
 from __future__ import annotations
 
+import itertools
+import os
 from importlib.metadata import version
 
 import pytest
@@ -17,7 +19,9 @@ from packaging.version import Version
 from safetensors.torch import load_file, save_file
 
 from peft_buffers import IncompatibleExtraState
+from peft_buffers.core import PENDING_NAME
 
+from .._atomic import FailAt
 from ._tiny import STEM_NORM, logits, lora_config, resnet, train_steps
 
 TRANSFORMERS = Version(version("transformers"))
@@ -85,6 +89,72 @@ def test_load_adapter_gives_the_trained_model(enabled, tmp_path):
     assert torch.equal(logits(fresh), logits(model))
     assert torch.equal(fresh.get_submodule(STEM_NORM).weight, model.get_submodule(STEM_NORM).weight)
     assert not fresh.get_submodule(STEM_NORM).weight.requires_grad  # loaded for inference
+
+
+def _loads_as(path) -> torch.Tensor:
+    fresh = resnet(0)
+    fresh.load_adapter(str(path), adapter_name="a")
+    return logits(fresh)
+
+
+def test_save_pretrained_of_a_model_with_adapters_replaces_the_folder_atomically(enabled, tmp_path, monkeypatch):
+    trained_native(seed=1).save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    old = _loads_as(tmp_path)
+    model = trained_native(seed=2)
+    new = logits(model)
+    assert not torch.equal(old, new)
+
+    failures = 0
+    for at in itertools.count(1):  # every move into place fails in turn: the record, the weights, the config
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", FailAt(os.replace, at))
+            try:
+                model.save_pretrained(tmp_path)
+            except OSError as error:
+                assert "(injected)" in str(error)
+            else:
+                break
+        failures += 1
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before, f"call {at}"
+        assert torch.equal(_loads_as(tmp_path), old), f"call {at}"
+    assert failures >= 3
+    assert torch.equal(_loads_as(tmp_path), new)
+    assert PENDING_NAME not in os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("peft_buffers_on", [True, False], ids=["enabled", "stock"])
+def test_push_to_hub_names_the_repository_after_the_folder(tmp_path, monkeypatch, peft_buffers_on):
+    import transformers.modeling_utils as modeling_utils
+
+    import peft_buffers
+
+    pushed = {}
+
+    class Hub:  # no network: record what transformers would create and upload
+        def create_repo(self, repo_id, **kwargs):
+            pushed["repo_id"] = repo_id
+            return type("Repo", (), {"repo_id": repo_id})()
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        pushed["files"] = sorted(os.listdir(working_dir))
+
+    if hasattr(modeling_utils, "hf_api"):  # transformers 5.x
+        monkeypatch.setattr(modeling_utils, "hf_api", Hub)
+    else:  # 4.x
+        monkeypatch.setattr(modeling_utils.PreTrainedModel, "_create_repo",
+                            lambda self, repo_id, **kwargs: Hub().create_repo(repo_id).repo_id)
+    monkeypatch.setattr(modeling_utils, "create_and_tag_model_card",
+                        lambda *args, **kwargs: type("Card", (), {"save": lambda self, path: None})())
+    monkeypatch.setattr(modeling_utils.PreTrainedModel, "_upload_modified_files", upload)
+    if peft_buffers_on:
+        peft_buffers.enable()
+
+    trained_native(seed=1).save_pretrained(str(tmp_path / "my-adapter"), push_to_hub=True)  # 4.x splits a str
+
+    assert pushed["repo_id"] == "my-adapter"
+    assert {FILE, "adapter_config.json"} <= set(pushed["files"])
+    assert {FILE, "adapter_config.json"} <= set(os.listdir(tmp_path / "my-adapter"))
 
 
 # https://github.com/huggingface/peft/issues/1732 (a BatchNorm in modules_to_save stays PEFT's own)
