@@ -408,3 +408,13 @@ def test_hotswap_checks_the_base_it_swaps_onto(saved):
         model.get_base_model().head.weight[0, 1] += 1.0
     with pytest.warns(BaseMismatchWarning, match=r"1 of 6 tensors differ in value, e\.g\. head\.weight"):
         hotswap_adapter(model, str(saved), adapter_name="default")
+
+
+def test_a_transformers_native_save_records_the_base(enabled, tmp_path):
+    model = tiny_llama()
+    model.add_adapter(LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_name="native")
+    model.save_pretrained(tmp_path)
+    recorded = json.loads((tmp_path / SIDECAR).read_text())
+    assert recorded["tensor_count"] == len(tiny_llama().state_dict())
+    assert load_lines(tiny_llama().to(torch.float64), tmp_path) == [
+        f"trained on float32 weights, loading onto float64 ({recorded['tensor_count']} tensors)"]
