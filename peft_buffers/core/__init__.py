@@ -24,6 +24,7 @@ from ._base_identity import (
     read_sidecar,
     write_sidecar,
 )
+from ._copies import host_copies, same_bytes
 from ._fingerprint import FINGERPRINT_FORMAT, fingerprint, fingerprints, start_fingerprints
 from ._load_plan import LoadPlan, plan_load, raise_for_mismatches, resolve_key
 from ._publish import PENDING_NAME, StagedFolder, check_folder_complete, stage
@@ -39,7 +40,7 @@ from ._state import (
     is_running_stat,
     tracks_running_stats,
 )
-from ._store import ExtraStateStore, host_copies, install_optimizer_hook, remove_optimizer_hook, same_bytes
+from ._store import ExtraStateStore, install_optimizer_hook, remove_optimizer_hook
 from ._transaction import Transaction, active_transaction, atomic, exclusive, run_atomically
 
 __all__ = [
