@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ._text import plural
+from ._text import escape, plural  # escape: re-exported, messages everywhere use it
 
 __all__ = [
     "BaseMismatch",
@@ -25,48 +25,6 @@ __all__ = [
 ]
 
 SHOWN = 20  # a refusal names this many offending keys, then counts the rest
-NAME_LIMIT = 300  # characters of one key, path or value printed in a message
-
-
-def escape(value: object, limit: int = NAME_LIMIT) -> str:
-    r"""``str(value)`` safe to print in a message: what could make it display as something else is escaped.
-
-    Every character that is not printable (control characters, NUL, bidirectional overrides such as U+202E,
-    zero-width and line-separator characters) is written as its Python escape (``\x00``, ``\u202e``), as
-    ``repr`` writes it, so no name can reorder, hide or fake the text around it. Escaping twice changes nothing
-    (a backslash is left alone: a Windows path stays readable). Text longer than ``limit`` characters is cut,
-    saying how much was left out.
-
-    Example:
-        >>> print(escape("bn.running_mean"))
-        bn.running_mean
-        >>> print(escape("evil\u202ekey\x00"))
-        evil\u202ekey\x00
-        >>> print(escape("x" * 10, limit=4))
-        xxxx... (6 more characters)
-    """
-    text = str(value)
-    if len(text) > limit:
-        text, cut = text[:limit], len(text) - limit
-    else:
-        cut = 0
-    if not text.isprintable():
-        text = "".join(_escaped(char) for char in text)
-    return f"{text}... ({cut} more characters)" if cut else text
-
-
-_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escaped(char: str) -> str:
-    if char.isprintable():
-        return char
-    if char in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[char]
-    code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
-
-
 def listing(lines: Iterable[str], shown: int = SHOWN, what: str = "key(s)", separator: str = "\n") -> str:
     """The first ``shown`` items, one per line (or ``separator``), then a count of the rest: a message stays short.
 
