@@ -25,3 +25,20 @@ requires_is_main_process = pytest.mark.skipif(
     not _save_takes_is_main_process(),
     reason=f"PeftModel.save_pretrained has no is_main_process in PEFT {PEFT_VERSION} (it writes on every process)",
 )
+
+
+def native_adapters_refused() -> str:
+    """Why transformers' own adapter methods (``add_adapter``, ``load_adapter``) raise with the installed PEFT
+    (its ``MIN_PEFT_VERSION``: transformers 5.24 wants 0.22), or "" when they work."""
+    from transformers.integrations import peft as integration
+
+    minimum = Version(getattr(integration, "MIN_PEFT_VERSION", "0"))
+    if PEFT_VERSION < minimum:
+        return f"transformers {version('transformers')} needs peft >= {minimum} for add_adapter"
+    return ""
+
+
+requires_native_adapters = pytest.mark.skipif(
+    bool(native_adapters_refused()),
+    reason=native_adapters_refused() + "; run `nox -s transformers_native`",
+)

@@ -39,11 +39,17 @@ from ._quantization import (
     saved_layout_dtype_and_shape,
 )
 
-__all__ = ["CARRIED", "MERGED", "UNKNOWN_BASE", "adapter_folders", "live_identity", "record_identities"]
+__all__ = [
+    "CARRIED", "IN_PLACE_BIAS", "MERGED", "UNKNOWN_BASE", "adapter_folders", "live_identity", "record_identities",
+]
 
 CARRIED = "carried by the adapter file"
 MERGED = "merged into by an adapter when saved"
 UNKNOWN_BASE = "base value unknown"
+# PEFT 0.6 built its IA3 layers in place of the base layer (subclasses of nn.Conv2d / nn.Linear), and the Conv2d
+# kept its own random bias where the base conv had none: such a bias is not known to be the base model's, so it is
+# left out (a bias-less base conv would otherwise read as "another base" at every load).
+IN_PLACE_BIAS = "bias of an IA3 layer PEFT built in place of the base layer"
 _SAVED_PREFIX = "base_model.model."
 
 _cache_lock = threading.Lock()
@@ -216,7 +222,8 @@ def _file_keys(path: Path) -> set[str]:
 
 def _left_out(model: nn.Module, base: _Base, adapter: str, carried_keys: set[str]) -> dict[str, list[str]]:
     """Base tensors not recorded for ``adapter``, by reason: what its file carries (its own keys, and the
-    modules its ``modules_to_save`` copies replace), what an adapter was merged into, unknown base values."""
+    modules its ``modules_to_save`` copies replace), what an adapter was merged into, unknown base values, the
+    bias of an IA3 layer built in place of the base layer (:data:`IN_PLACE_BIAS`)."""
     copies, merged = set(), set()
     wrappers, tuner_layers = pv._peft_classes()
     for module in model.modules():
@@ -229,7 +236,7 @@ def _left_out(model: nn.Module, base: _Base, adapter: str, carried_keys: set[str
             layer = module._modules.get("base_layer", module)
             merged |= {id(t) for t in layer._parameters.values() if t is not None}
     unknown = getattr(base.store, "unknown_base", set())
-    reasons: dict[str, list[str]] = {CARRIED: [], MERGED: [], UNKNOWN_BASE: []}
+    reasons: dict[str, list[str]] = {CARRIED: [], MERGED: [], UNKNOWN_BASE: [], IN_PLACE_BIAS: []}
     for key, place in base.found.ordered.items():
         tensor = place.tensor
         if place.saved_key in carried_keys or id(tensor) in copies:
@@ -238,7 +245,15 @@ def _left_out(model: nn.Module, base: _Base, adapter: str, carried_keys: set[str
             reasons[MERGED].append(base.name(key))
         elif key in unknown:
             reasons[UNKNOWN_BASE].append(base.name(key))
+        elif place.name == "bias" and _built_in_place(place.module, tuner_layers):
+            reasons[IN_PLACE_BIAS].append(base.name(key))
     return {reason: names for reason, names in reasons.items() if names}
+
+
+def _built_in_place(module: nn.Module, tuner_layers: tuple[type, ...]) -> bool:
+    """An IA3 layer that is itself the layer (PEFT 0.6), not a wrapper holding it under ``base_layer``."""
+    return (isinstance(module, tuner_layers) and "base_layer" not in module._modules
+            and type(module).__module__.startswith("peft.tuners.ia3"))
 
 
 def record_identities(model: nn.Module, folders: Mapping[str, Path]) -> dict[str, Optional[BaseIdentity]]:

@@ -22,6 +22,7 @@ from peft_buffers.binding import _base_identity
 from peft_buffers.cli import main
 
 from .._atomic import assert_unchanged, extra_state_of_every_adapter, model_fingerprint
+from .._compat import requires_native_adapters
 
 SIDECAR = "peft_buffers_base.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -76,7 +77,7 @@ def load_lines(base: nn.Module, folder, **kwargs) -> list[str]:
 
 @pytest.fixture
 def saved(enabled, tmp_path):
-    trained().save_pretrained(tmp_path)
+    trained().save_pretrained(tmp_path, safe_serialization=True)
     return tmp_path
 
 
@@ -88,7 +89,7 @@ def test_the_same_base_loads_without_a_word(saved):
 
 
 def test_stock_peft_says_nothing_about_another_base(stock, tmp_path):
-    trained().save_pretrained(tmp_path)
+    trained().save_pretrained(tmp_path, safe_serialization=True)
     assert not (tmp_path / SIDECAR).exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -115,7 +116,7 @@ def test_one_changed_element_is_named(saved, name):
 
 
 def test_running_statistics_the_file_does_not_carry_are_named(enabled, tmp_path):
-    trained(train_mode=False).save_pretrained(tmp_path)  # eval mode: the statistics never moved
+    trained(train_mode=False).save_pretrained(tmp_path, safe_serialization=True)  # eval: statistics stay
     assert json.loads((tmp_path / SIDECAR).read_text())["tensor_count"] == 9
     base = make_base()
     base.bn.running_mean.add_(0.5)  # a base whose statistics were fine-tuned already
@@ -143,7 +144,7 @@ def test_the_base_values_are_recorded_not_the_values_another_adapter_trained(ena
     # Adapter "a" moves the statistics; "b" never ran: b's folder records the base's own statistics.
     model = trained()
     model.add_adapter("b", LoraConfig(target_modules=["fc"]))
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     assert (tmp_path / "b" / SIDECAR).is_file()
     assert "bn.running_mean" in json.dumps(json.loads((tmp_path / "b" / SIDECAR).read_text())["groups"])
     assert load_lines(make_base(), tmp_path / "b") == []
@@ -198,7 +199,7 @@ def test_off_mode_records_nothing_checks_nothing_and_reads_no_tensor(enabled, sa
 
     peft_buffers.enable(base_check="off")
     monkeypatch.setattr(_base_identity, "start_fingerprints", no_fingerprints)
-    trained().save_pretrained(tmp_path / "off")
+    trained().save_pretrained(tmp_path / "off", safe_serialization=True)
     assert (tmp_path / "off" / WEIGHTS).is_file() and not (tmp_path / "off" / SIDECAR).exists()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -233,7 +234,7 @@ def test_the_base_is_read_once_per_load_and_not_again_for_the_next_adapter(saved
 
 def test_a_stock_folder_loads_silently_onto_any_base(enabled, tmp_path):
     peft_buffers.disable()
-    trained().save_pretrained(tmp_path)
+    trained().save_pretrained(tmp_path, safe_serialization=True)
     peft_buffers.enable()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -249,7 +250,7 @@ def test_an_unreadable_record_is_said_and_the_load_goes_on(saved):
 
 def test_modules_to_save_originals_are_not_recorded(enabled, tmp_path):
     model = trained(modules_to_save=["head"])
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     left_out = json.loads((tmp_path / SIDECAR).read_text())["not_recorded"]["carried by the adapter file"]
     assert {"head.weight", "head.bias"} <= set(left_out)
     base = make_base()
@@ -302,9 +303,9 @@ def test_an_llm_weights_file_stays_byte_identical_to_stocks_beside_its_record(en
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
-    model.save_pretrained(tmp_path / "ours")
+    model.save_pretrained(tmp_path / "ours", safe_serialization=True)
     peft_buffers.disable()
-    model.save_pretrained(tmp_path / "stock")
+    model.save_pretrained(tmp_path / "stock", safe_serialization=True)
     assert (tmp_path / "ours" / WEIGHTS).read_bytes() == (tmp_path / "stock" / WEIGHTS).read_bytes()
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(
         [SIDECAR] + [p.name for p in (tmp_path / "stock").iterdir()])
@@ -316,12 +317,13 @@ def test_an_llm_weights_file_stays_byte_identical_to_stocks_beside_its_record(en
         f"trained on float32 weights, loading onto bfloat16 ({recorded['tensor_count']} tensors)"]
 
 
+@requires_native_adapters
 def test_transformers_native_load_adapter_checks_the_base(saved):
     from transformers import LlamaConfig  # noqa: F401 - transformers present: its adapter methods are hooked
 
     llama_dir = saved.parent / "llama"
     model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    model.save_pretrained(llama_dir)
+    model.save_pretrained(llama_dir, safe_serialization=True)
     base = tiny_llama()
     with torch.no_grad():
         base.model.norm.weight[3] += 1.0
@@ -359,7 +361,7 @@ def llama_base(path, quantized: bool = True, **settings):
 def test_a_qlora_adapter_names_another_quantization(enabled, llama_checkpoint, tmp_path):
     # The seed report: a Gemma-2B QLoRA adapter reloaded with another BitsAndBytesConfig predicted differently.
     model = get_peft_model(llama_base(llama_checkpoint), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     assert json.loads((tmp_path / SIDECAR).read_text())["quantization"] == {
         "method": "bitsandbytes", "bits": 4, "quant_type": "nf4", "compute_dtype": "float32", "double_quant": False,
         "storage": "uint8"}
@@ -376,7 +378,7 @@ def test_a_qlora_adapter_names_another_quantization(enabled, llama_checkpoint, t
 
 def test_an_unquantized_adapter_names_a_quantized_base(enabled, llama_checkpoint, tmp_path):
     model = get_peft_model(llama_base(llama_checkpoint, quantized=False), LoraConfig(r=4, target_modules=["q_proj"]))
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     assert load_lines(llama_base(llama_checkpoint), tmp_path) == [
         "trained without quantization; this base: bitsandbytes 4-bit nf4, compute dtype float32"]
 
@@ -384,7 +386,7 @@ def test_an_unquantized_adapter_names_a_quantized_base(enabled, llama_checkpoint
 def test_a_quantized_model_that_ran_on_the_cpu_is_checked_in_its_saved_layout(enabled, llama_checkpoint, tmp_path):
     # bitsandbytes repacks 4-bit weights on the first eval forward on a CPU: the same base all the same
     model = get_peft_model(llama_base(llama_checkpoint), LoraConfig(r=4, target_modules=["q_proj"]))
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)
     loaded = PeftModel.from_pretrained(llama_base(llama_checkpoint), tmp_path)
     with torch.no_grad():
         loaded.eval()(input_ids=torch.tensor([[1, 2, 3]], device=loaded.device))
@@ -410,6 +412,7 @@ def test_hotswap_checks_the_base_it_swaps_onto(saved):
         hotswap_adapter(model, str(saved), adapter_name="default")
 
 
+@requires_native_adapters
 def test_a_transformers_native_save_records_the_base(enabled, tmp_path):
     model = tiny_llama()
     model.add_adapter(LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_name="native")

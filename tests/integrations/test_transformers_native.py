@@ -3,7 +3,7 @@
 transformers 5.x ``load_adapter`` loads through its own weight loader, never through
 ``set_peft_model_state_dict``; peft_buffers hooks it (``_registry.TRANSFORMERS_REGISTRY``). transformers 4.x
 loads through ``set_peft_model_state_dict``. The same tests run on both, in their own environments:
-``nox -s transformers_native`` (transformers 5.23.0 and 4.57.6 with PEFT 0.21.2).
+``nox -s transformers_native`` (transformers 5.25.0 and 4.57.6 with PEFT 0.22.0, 5.23.0 with PEFT 0.21.2).
 Guards https://github.com/huggingface/peft/issues/1732 (statistics) and /issues/2099 (direct parameters).
 """
 
@@ -22,22 +22,15 @@ from peft_buffers import IncompatibleExtraState
 from peft_buffers.core import PENDING_NAME
 
 from .._atomic import FailAt
+from .._compat import native_adapters_refused
 from ._tiny import STEM_NORM, logits, lora_config, resnet, train_steps
 
 TRANSFORMERS = Version(version("transformers"))
 PEFT = Version(version("peft"))
 
 
-def _mixin_refuses_peft() -> str:
-    from transformers.integrations import peft as integration
-
-    minimum = Version(getattr(integration, "MIN_PEFT_VERSION", "0"))
-    return f"transformers {TRANSFORMERS} needs peft >= {minimum} for add_adapter" if PEFT < minimum else ""
-
-
-if _mixin_refuses_peft():  # transformers 5.24 refuses every released PEFT: the nox sessions pin 5.23 / 4.57.6
-    pytest.skip(_mixin_refuses_peft() + "; run `nox -s transformers_native`",
-                allow_module_level=True)
+if native_adapters_refused():  # transformers 5.24 refuses PEFT < 0.22: the nox sessions pin 5.23 for 0.21
+    pytest.skip(native_adapters_refused() + "; run `nox -s transformers_native`", allow_module_level=True)
 
 FILE = "adapter_model.safetensors"
 STAT = f"base_model.model.{STEM_NORM}.running_mean"
