@@ -352,9 +352,14 @@ def _checked_value(
             )
         )
         return None
-    if live.device.type != "meta" and (value.device != live.device or value.dtype != live.dtype):
-        value = value.to(device=live.device, dtype=live.dtype)
-    return value
+    if live.device.type == "meta":
+        return value
+    # Always a fresh tensor laid out like the model's (its strides, dtype and device): the caller's tensor is never
+    # adopted as model storage (a later change to their state dict would change the model), and a file's tensor
+    # sits at an arbitrary offset of safetensors' buffer, where vectorised CPU kernels may round differently
+    # (reloaded spectral-norm outputs differed in the last bit). Stock load_state_dict copies into the model too.
+    fresh = torch.empty_like(live) if value.shape == live.shape else live.new_empty(value.shape)
+    return fresh.copy_(value)
 
 
 def raise_for_mismatches(plan: LoadPlan, adapter_name: str) -> None:

@@ -448,6 +448,19 @@ def test_set_peft_model_state_dict_result_hides_our_keys(enabled, tmp_path):
     assert not ours & set(result.missing_keys)
 
 
+def test_loaded_extra_state_is_the_models_own_copy(enabled):
+    # Stock load_state_dict copies into the model; so must we: a caller reusing their state dict (or a file's
+    # tensors, which sit at arbitrary offsets of safetensors' buffer) must not become the model's storage.
+    spec = ZOO["mixed_norms"]
+    state = {k: v.clone() for k, v in save_and_load.get_peft_model_state_dict(trained_model(spec)).items()}
+    model = get_peft_model(spec.make(), tuner_config("lora", spec))
+    save_and_load.set_peft_model_state_dict(model, state)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for value in state.values():
+        value.add_(1) if value.is_floating_point() else value.fill_(-7)
+    assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
+
+
 def test_peft_version_is_the_one_under_test():
     assert PEFT_VERSION.release >= (0, 6)
 
