@@ -65,6 +65,12 @@ def ratio_ci(runs: list, reference_runs: list, draws: int = 2000, seed: int = 0)
     return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
 
 
+def _worse(overhead: dict) -> float:
+    # Met only when both the difference of medians and the median of paired differences are within the bar:
+    # on a noisy machine either alone can flatter.
+    return max(overhead["median_difference"], overhead["paired_median"])
+
+
 def paired_change(runs: list, reference_runs: list) -> float:
     """Median over repetitions of run / reference run - 1: both ran in the same repetition, so slow phases of
     the machine (which hit every strategy of a repetition alike) cancel out."""
@@ -113,13 +119,13 @@ def check_targets(results: dict) -> list:
             overhead = m["attach"]["from_pretrained"]["overhead_ms"]
             add(f"a stock file with enable(): from_pretrained ≤ stock + {STOCK_FILE_LIMIT_MS:g} ms", m["label"],
                 f"{overhead['median_difference']:+.2f} ms (paired {overhead['paired_median']:+.2f} ms)",
-                f"≤ {STOCK_FILE_LIMIT_MS:g} ms", overhead["median_difference"] <= STOCK_FILE_LIMIT_MS)
+                f"≤ {STOCK_FILE_LIMIT_MS:g} ms", _worse(overhead) <= STOCK_FILE_LIMIT_MS)
         if m["name"] in ATTACH_MODELS and "attach" in m:
             for call, label in ATTACH_CALLS.items():
                 overhead = m["attach"][call]["overhead_ms"]
                 add(f"{label}: enable() adds ≤ {ATTACH_LIMIT_MS:g} ms", m["label"],
                     f"{overhead['median_difference']:+.2f} ms (paired {overhead['paired_median']:+.2f} ms)",
-                    f"≤ {ATTACH_LIMIT_MS:g} ms", overhead["median_difference"] <= ATTACH_LIMIT_MS)
+                    f"≤ {ATTACH_LIMIT_MS:g} ms", _worse(overhead) <= ATTACH_LIMIT_MS)
         identity = m.get("base_identity")
         if identity is not None and results["settings"].get("device") == "cuda" and m["name"] in IDENTITY_MODELS:
             add(f"base identity ≤ {IDENTITY_GPU_LIMIT_MS:g} ms", m["label"], _ms2(identity["identity"]),
