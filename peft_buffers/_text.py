@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-__all__ = ["NAME_LIMIT", "SHOWN", "escape", "first_names", "plural", "replace_between"]
+__all__ = ["NAME_LIMIT", "SHOWN", "escape", "first_names", "plural"]
 
 SHOWN = 5  # names a message lists before it gives the count of the rest
 NAME_LIMIT = 300  # characters of one key, path or value printed in a message
@@ -71,18 +71,3 @@ def first_names(names: Iterable[str], shown: int = SHOWN) -> str:
     names = list(names)
     listed = ", ".join(escape(name) for name in names[:shown])
     return listed + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
-
-
-def replace_between(text: str, start: str, end: str, body: str, what: str = "the text") -> str:
-    r"""``text`` with what lies between the markers ``start`` and ``end`` replaced by ``body`` (on lines of its
-    own); the markers stay. A generated section of a page is rewritten this way.
-
-    Example:
-        >>> replace_between("a\n<s>\nold\n<e>\nb", "<s>", "<e>", "new")
-        'a\n<s>\nnew\n<e>\nb'
-    """
-    head, found_start, rest = text.partition(start)
-    _, found_end, tail = rest.partition(end)
-    if not found_start or not found_end:
-        raise ValueError(f"{what} has no {start} ... {end} markers")
-    return f"{head}{found_start}\n{body}\n{found_end}{tail}"

@@ -18,8 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .._text import replace_between
-
 __all__ = ["CLASSES", "DOCS_END", "DOCS_START", "FUNCTIONS", "HOOKS", "HOOK_KINDS", "ApiMethod", "Hooked", "classify",
            "docs_with_table", "installed_api", "markdown_table"]
 
@@ -286,7 +284,11 @@ def docs_with_table(text: str) -> str:
         >>> docs_with_table(f"a\\n{DOCS_START}\\nold\\n{DOCS_END}\\nb").count("| `unload` |")
         1
     """
-    return replace_between(text, DOCS_START, DOCS_END, markdown_table())
+    head, start, rest = text.partition(DOCS_START)
+    _, end, tail = rest.partition(DOCS_END)
+    if not start or not end:
+        raise ValueError(f"no {DOCS_START} ... {DOCS_END} markers")
+    return f"{head}{start}\n{markdown_table()}\n{end}{tail}"
 
 
 if __name__ == "__main__":  # python -m peft_buffers.binding._api_table docs/internals.md: regenerate its table

@@ -36,7 +36,6 @@ from typing import Optional
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from .._text import replace_between
 from ._api_table import HOOKS
 
 __all__ = ["AdapterHook", "PatchEntry", "REGISTRY", "beyond_table", "entry_for", "newest_entry", "range_text",
@@ -263,8 +262,12 @@ def readme_with_table(readme: str) -> str:
         >>> readme_with_table(f"x\\n{README_START}\\nold\\n{README_END}\\n").count("| 0.6 |")
         1
     """
+    head, start, rest = readme.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not start or not end:
+        raise ValueError(f"README has no {README_START} ... {README_END} markers")
     note = "<!-- generated from peft_buffers/binding/registry.py by `python -m peft_buffers doctor --update-readme` -->"
-    return replace_between(readme, README_START, README_END, f"{note}\n{support_table()}", what="README")
+    return f"{head}{start}\n{note}\n{support_table()}\n{end}{tail}"
 
 
 # ------------------------------------------------------------------ transformers-native adapters (issue 6)
